@@ -1,0 +1,121 @@
+"""The ``mechsteer`` command line: ``info``, ``tasks`` and ``demo``.
+
+    mechsteer info                       # model, sizes, sites
+    mechsteer tasks --task ccc --n 8     # generated prompts and drop counts
+    mechsteer demo --out out/demo        # the HTML report on the embedded model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+_MODEL_HELP = "model name: an embedded model (default SmolLM2-135M-Instruct, or gemma-3-270m), 'tiny-llama'/'tiny-gpt2' (random weights, for smoke tests), or a Hugging Face name"
+
+
+def _load(name: str | None):
+    from mechsteer.models import load_model
+
+    if name in ("tiny-llama", "tiny-gpt2"):
+        from mechsteer.tiny import tiny_model
+
+        return tiny_model(name.split("-", 1)[1])
+    return load_model(name)
+
+
+def _log(msg: str) -> None:
+    print(f"[mechsteer] {msg}", file=sys.stderr, flush=True)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from mechsteer.models import describe
+    from mechsteer.sites import SITES, site_shape
+
+    model = _load(args.model)
+    info = describe(model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(map(len, info))
+    for k, v in info.items():
+        print(f"{k:<{width}}  {v}")
+    print("\nsites (shape per layer for a prompt of 8 tokens):")
+    for s in SITES.values():
+        print(f"  {s.name:<10} {s.hook:<32} {str(site_shape(model, s.name, 8)):<16} {s.doc}")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from mechsteer.tasks import make_task
+
+    model = _load(args.model)
+    ds = make_task(args.task, model, n=args.n, seed=args.seed)
+    stats = ds.evaluate(model)
+    print(f"{args.task}: {len(ds)} prompts of {ds.n_pos} tokens; dropped {ds.dropped or 'none'}")
+    print(f"model prefers the correct answer on {stats['accuracy']:.0%} of clean prompts "
+          f"(mean logit diff {stats['logit_diff']:.3f}), {stats['corrupted_accuracy']:.0%} of corrupted")
+    with pd.option_context("display.max_colwidth", 100, "display.width", 200):
+        print(ds.to_frame().drop(columns=["correct_id", "wrong_id"]).head(args.show).to_string())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mechsteer.report import Report, model_section, task_section
+    from mechsteer.tasks import make_task
+
+    t0 = time.perf_counter()
+    _log("loading model")
+    model = _load(args.model)
+    report = Report(f"mechsteer demo: {model.cfg.model_name}")
+    _log("model section")
+    report.add(model_section(model))
+    _log("task section")
+    datasets = [make_task(name, model, n=args.n, seed=args.seed) for name in ("ccc", "ioi")]
+    report.add(task_section(model, datasets))
+    path = report.write(args.out)
+    _log(f"wrote {path} and {Path(args.out) / 'summary.json'} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mechsteer", description="Attribution and learned steering on TransformerLens hook points.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="model, sizes and sites")
+    info.add_argument("--model", default=None, help=_MODEL_HELP)
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=cmd_info)
+
+    tasks = sub.add_parser("tasks", help="show a generated contrastive dataset")
+    tasks.add_argument("--task", choices=["ccc", "ioi"], required=True)
+    tasks.add_argument("--n", type=int, default=16, help="number of items")
+    tasks.add_argument("--seed", type=int, default=0)
+    tasks.add_argument("--show", type=int, default=10, help="rows to print")
+    tasks.add_argument("--model", default=None, help=_MODEL_HELP)
+    tasks.set_defaults(func=cmd_tasks)
+
+    demo = sub.add_parser("demo", help="write the HTML report on the embedded model")
+    demo.add_argument("--out", default="out/demo", help="output directory (index.html, summary.json)")
+    demo.add_argument("--n", type=int, default=32, help="prompts per task")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--model", default=None, help=_MODEL_HELP)
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, ImportError) as e:
+        print(f"mechsteer: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

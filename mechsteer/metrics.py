@@ -1,0 +1,116 @@
+"""Metrics on next-token logits, shared by every method.
+
+All take logits of shape ``(batch, pos, vocab)`` (read at ``pos``, default the last) or
+``(batch, vocab)``, and answer token ids of shape ``(batch,)``. ``reduce="mean"``
+(default) returns a scalar, ``reduce="none"`` one value per prompt.
+
+- ``logit_diff``: f_c - f_w, the correct minus the wrong answer's logit.
+- ``answer_prob``: softmax(f)_a.
+- ``kl_div``: KL(softmax(f_p) || softmax(f_q)) over the full vocabulary.
+- ``answer_rank``: 0 when the answer is the top token.
+- ``accuracy``: whether the answer is among the top k tokens.
+- ``normalize``: (x - x_corrupted) / (x_clean - x_corrupted), so 1 = clean, 0 = corrupted.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+Reduce = Literal["mean", "sum", "none"]
+Logits = Float[Tensor, "batch pos vocab"] | Float[Tensor, "batch vocab"]
+
+
+def last_logits(logits: Logits, pos: int | Int[Tensor, " batch"] = -1) -> Float[Tensor, "batch vocab"]:
+    """Logits at position ``pos`` (an int, or one position per prompt)."""
+    if logits.ndim == 2:
+        return logits
+    if logits.ndim != 3:
+        raise ValueError(f"Expected logits of shape (batch, pos, vocab) or (batch, vocab), got {tuple(logits.shape)}.")
+    if isinstance(pos, Tensor):
+        return logits[torch.arange(logits.shape[0], device=logits.device), pos.to(logits.device)]
+    return logits[:, pos]
+
+
+def _ids(ids: Int[Tensor, " batch"] | int, batch: int, device) -> Int[Tensor, " batch"]:
+    ids = torch.as_tensor(ids, device=device)
+    if ids.ndim == 0:
+        ids = ids.expand(batch)
+    if ids.shape != (batch,):
+        raise ValueError(f"Expected answer ids of shape ({batch},), got {tuple(ids.shape)}.")
+    return ids
+
+
+def _reduce(x: Float[Tensor, " batch"], reduce: Reduce) -> Tensor:
+    if reduce == "mean":
+        return x.mean()
+    if reduce == "sum":
+        return x.sum()
+    if reduce == "none":
+        return x
+    raise ValueError(f"reduce must be 'mean', 'sum' or 'none', got {reduce!r}.")
+
+
+def logit_diff(
+    logits: Logits, correct: Int[Tensor, " batch"], wrong: Int[Tensor, " batch"], *, pos=-1, reduce: Reduce = "mean"
+) -> Tensor:
+    """f_c - f_w at ``pos``: positive when the model prefers the correct answer.
+
+    >>> logits = torch.tensor([[[0.0, 2.0, 1.0]]])
+    >>> logit_diff(logits, torch.tensor([1]), torch.tensor([2])).item()
+    1.0
+    """
+    f = last_logits(logits, pos)
+    idx = torch.arange(f.shape[0], device=f.device)
+    d = f[idx, _ids(correct, f.shape[0], f.device)] - f[idx, _ids(wrong, f.shape[0], f.device)]
+    return _reduce(d, reduce)
+
+
+def answer_prob(logits: Logits, answer: Int[Tensor, " batch"], *, pos=-1, reduce: Reduce = "mean") -> Tensor:
+    """softmax(f)_a at ``pos``."""
+    f = last_logits(logits, pos)
+    p = f.float().softmax(-1)
+    return _reduce(p[torch.arange(f.shape[0], device=f.device), _ids(answer, f.shape[0], f.device)], reduce)
+
+
+def kl_div(p_logits: Logits, q_logits: Logits, *, pos=-1, reduce: Reduce = "mean") -> Tensor:
+    """KL(softmax(f_p) || softmax(f_q)) over the vocabulary, at ``pos`` (>= 0, 0 iff equal)."""
+    lp = last_logits(p_logits, pos).float().log_softmax(-1)
+    lq = last_logits(q_logits, pos).float().log_softmax(-1)
+    return _reduce(F.kl_div(lq, lp, log_target=True, reduction="none").sum(-1), reduce)
+
+
+def answer_rank(logits: Logits, answer: Int[Tensor, " batch"], *, pos=-1) -> Int[Tensor, " batch"]:
+    """Rank of the answer among all tokens at ``pos``: 0 when it is the top token."""
+    f = last_logits(logits, pos)
+    a = f[torch.arange(f.shape[0], device=f.device), _ids(answer, f.shape[0], f.device)]
+    return (f > a[:, None]).sum(-1)
+
+
+def accuracy(logits: Logits, answer: Int[Tensor, " batch"], *, k: int = 1, pos=-1, reduce: Reduce = "mean") -> Tensor:
+    """1.0 where the answer is among the top ``k`` tokens at ``pos``."""
+    return _reduce((answer_rank(logits, answer, pos=pos) < k).float(), reduce)
+
+
+def normalize(x: Tensor, clean: Tensor | float, corrupted: Tensor | float) -> Tensor:
+    """(x - corrupted) / (clean - corrupted): 1 = the clean value, 0 = the corrupted one."""
+    denom = clean - corrupted
+    if torch.as_tensor(denom).abs().max() < 1e-8:
+        raise ValueError(
+            f"Cannot normalise: the clean and corrupted metric values are equal ({float(clean):.4g}); "
+            "the task does not separate them."
+        )
+    return (x - corrupted) / denom
+
+
+METRICS = {
+    "logit_diff": logit_diff,
+    "answer_prob": answer_prob,
+    "kl_div": kl_div,
+    "answer_rank": answer_rank,
+    "accuracy": accuracy,
+}

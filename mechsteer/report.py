@@ -1,0 +1,160 @@
+"""The HTML report: one page of sections, readable offline.
+
+A section is one function that returns a ``Section`` (title, HTML, plotly figures, and
+the figures' numbers for ``summary.json``). ``Report.write`` embeds plotly.js once in the
+page (never a CDN link), so ``index.html`` opens with no network, and writes
+``index.html`` and ``summary.json`` atomically.
+
+>>> from mechsteer.tiny import tiny_model
+>>> import tempfile, pathlib
+>>> report = Report("demo")
+>>> report.add(model_section(tiny_model("gpt2")))
+>>> path = report.write(tempfile.mkdtemp())
+>>> "plotly" in path.read_text()[:4_000_000], (path.parent / "summary.json").exists()
+(True, True)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mechsteer import _io
+from mechsteer.models import describe, fingerprint
+from mechsteer.sites import SITES, site_shape
+
+
+@dataclass
+class Section:
+    """One part of the report. ``key`` names its entry in ``summary.json``."""
+
+    key: str
+    title: str
+    html: str = ""
+    figures: list[Any] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def table_html(df: pd.DataFrame, **kwargs: Any) -> str:
+    """A DataFrame as a compact HTML table (values escaped)."""
+    return df.to_html(classes="tbl", border=0, escape=True, **kwargs)
+
+
+class Report:
+    """An ordered list of sections written to ``DIR/index.html`` and ``DIR/summary.json``."""
+
+    def __init__(self, title: str = "mechsteer report"):
+        self.title = title
+        self.sections: list[Section] = []
+
+    def add(self, section: Section) -> Section:
+        """Append ``section``; its ``key`` must be new."""
+        if any(s.key == section.key for s in self.sections):
+            raise ValueError(f"The report already has a section {section.key!r}.")
+        self.sections.append(section)
+        return section
+
+    def summary(self) -> dict[str, Any]:
+        """Every section's numbers, keyed by section."""
+        import mechsteer
+
+        return {
+            "mechsteer_version": mechsteer.__version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **{s.key: s.summary for s in self.sections},
+        }
+
+    def to_html(self) -> str:
+        """The whole page, with plotly.js inlined once."""
+        from plotly.offline import get_plotlyjs
+
+        toc = "".join(f'<li><a href="#{s.key}">{html.escape(s.title)}</a></li>' for s in self.sections)
+        body = []
+        for s in self.sections:
+            figs = "".join(
+                f'<div class="fig">{fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"{s.key}-{i}")}</div>'
+                for i, fig in enumerate(s.figures)
+            )
+            body.append(f'<section id="{s.key}"><h2>{html.escape(s.title)}</h2>{s.html}{figs}</section>')
+        return (
+            "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(self.title)}</title><style>{_CSS}</style>"
+            f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
+            f"<h1>{html.escape(self.title)}</h1><ul class='toc'>{toc}</ul>{''.join(body)}</body></html>"
+        )
+
+    def write(self, out_dir: str | Path) -> Path:
+        """Write ``index.html`` and ``summary.json`` into ``out_dir``; return the page's path."""
+        out = Path(out_dir)
+        _io.write_json(out / "summary.json", self.summary())
+        return _io.write_text(out / "index.html", self.to_html())
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+h1{border-bottom:2px solid #444}h2{margin-top:2em;border-bottom:1px solid #ccc}
+.tbl{border-collapse:collapse;font-size:0.9em;margin:0.5em 0}.tbl td,.tbl th{padding:2px 8px;border-bottom:1px solid #eee;text-align:left}
+code{background:#f4f4f4;padding:1px 4px}.toc{columns:2}
+"""
+
+
+def model_section(model) -> Section:
+    """Model name, sizes, fingerprint and the sites mechsteer can hook on it."""
+    info = describe(model)
+    fp = fingerprint(model)
+    n_pos = 8
+    sites = pd.DataFrame(
+        [
+            {
+                "site": s.name,
+                "hook": s.hook.format(layer="{layer}"),
+                "shape per layer (pos=8)": str(site_shape(model, s.name, n_pos)),
+                "axes": ", ".join(s.axes),
+                "meaning": s.doc,
+            }
+            for s in SITES.values()
+        ]
+    )
+    facts = pd.DataFrame({"value": {**info, "weights_sha256": fp["weights_sha256"][:16] + "..."}})
+    return Section(
+        key="model",
+        title=f"Model: {info['name']}",
+        html=table_html(facts) + "<h3>Sites</h3>" + table_html(sites, index=False),
+        summary={**info, "fingerprint": fp},
+    )
+
+
+def task_section(model, datasets: list) -> Section:
+    """Preview of contrastive datasets: prompts, drop counts, and whether the model prefers
+    the correct answer on clean prompts and the wrong one on corrupted prompts."""
+    from mechsteer.plots import logit_diff_strip
+
+    parts, figures, summary = [], [], {}
+    for ds in datasets:
+        clean, corrupt = ds.logit_diffs(model)
+        stats = {
+            "n": len(ds),
+            "n_pos": ds.n_pos,
+            "dropped": ds.dropped,
+            "accuracy": float((clean > 0).float().mean()),
+            "logit_diff": float(clean.mean()),
+            "corrupted_accuracy": float((corrupt > 0).float().mean()),
+            "corrupted_logit_diff": float(corrupt.mean()),
+        }
+        summary[ds.name] = stats
+        preview = ds.to_frame().head(5)
+        parts.append(
+            f"<h3>{ds.name.upper()}: {len(ds)} prompts of {ds.n_pos} tokens</h3>"
+            f"<p>Dropped while generating: <code>{html.escape(str(ds.dropped))}</code>. "
+            f"The model prefers the correct answer on <b>{stats['accuracy']:.0%}</b> of clean prompts "
+            f"(mean logit difference {stats['logit_diff']:.2f}) and on {stats['corrupted_accuracy']:.0%} "
+            f"of corrupted prompts ({stats['corrupted_logit_diff']:.2f}).</p>"
+            + table_html(preview, index=False)
+        )
+        figures.append(logit_diff_strip(clean.tolist(), corrupt.tolist(), title=f"{ds.name.upper()}: logit difference per prompt"))
+    return Section(key="tasks", title="Contrastive tasks", html="".join(parts), figures=figures, summary=summary)

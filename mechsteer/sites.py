@@ -1,0 +1,211 @@
+"""Model sites: the names users write, mapped to TransformerLens hook names and shapes.
+
+A *site* is an activation family (``attn_out``, ``z``, ...); a *location* is one cell
+of it: (site, layer, pos, head). ``SITES`` holds the facts as data; ``hooked`` is the one
+way mechsteer runs a model with hooks: scoped (hooks are removed on exit, also when an
+exception is raised) and checked (every requested hook must fire, else
+``HookNotFiredError``).
+
+Hook callbacks receive ``(activation, hook)``. The bridge passes *canonical* hook names
+in ``hook.name`` (``blocks.3.hook_out`` for ``blocks.3.hook_resid_post``), so never key
+logic on ``hook.name``: close over the name you registered instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class Site:
+    """One activation family: its hook-name template and the axes after ``batch``."""
+
+    name: str
+    hook: str  # with {layer}
+    axes: tuple[str, ...]
+    doc: str
+
+    @property
+    def per_head(self) -> bool:
+        """Whether the site has a head axis (query heads or KV heads)."""
+        return "head" in self.axes or "kv_head" in self.axes
+
+
+SITES: dict[str, Site] = {
+    s.name: s
+    for s in [
+        Site("resid_pre", "blocks.{layer}.hook_resid_pre", ("pos", "d_model"), "residual stream entering the block"),
+        Site("resid_mid", "blocks.{layer}.hook_resid_mid", ("pos", "d_model"), "residual stream between attention and MLP"),
+        Site("resid_post", "blocks.{layer}.hook_resid_post", ("pos", "d_model"), "residual stream leaving the block"),
+        Site("attn_out", "blocks.{layer}.hook_attn_out", ("pos", "d_model"), "attention output added to the residual"),
+        Site("mlp_out", "blocks.{layer}.hook_mlp_out", ("pos", "d_model"), "MLP output added to the residual"),
+        Site("z", "blocks.{layer}.attn.hook_z", ("pos", "head", "d_head"), "per-head attention-weighted values, before W_O"),
+        Site("result", "blocks.{layer}.attn.hook_result", ("pos", "head", "d_model"), "per-head output after W_O (needs use_attn_result)"),
+        Site("pattern", "blocks.{layer}.attn.hook_pattern", ("head", "query_pos", "key_pos"), "attention weights A"),
+        Site("q", "blocks.{layer}.attn.hook_q", ("pos", "head", "d_head"), "queries"),
+        Site("k", "blocks.{layer}.attn.hook_k", ("pos", "kv_head", "d_head"), "keys (per KV head on GQA models)"),
+        Site("v", "blocks.{layer}.attn.hook_v", ("pos", "kv_head", "d_head"), "values (per KV head on GQA models)"),
+    ]
+}
+
+
+class HookNotFiredError(RuntimeError):
+    """A hook registered for a run never fired: the method would silently do nothing."""
+
+
+def get_site(site: str) -> Site:
+    """The ``Site`` called ``site``; ValueError naming the known sites otherwise."""
+    if site not in SITES:
+        close = difflib.get_close_matches(site, SITES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"Unknown site {site!r}; known sites: {', '.join(SITES)}.{hint}")
+    return SITES[site]
+
+
+def _check_layer(model, layer: int) -> None:
+    n = model.cfg.n_layers
+    if not isinstance(layer, int) or not 0 <= layer < n:
+        raise ValueError(f"Layer {layer!r} is out of range: this model has layers 0..{n - 1}.")
+
+
+def hook_name(site: str, layer: int, model=None) -> str:
+    """The TransformerLens hook name of ``site`` at ``layer`` (checked against ``model``).
+
+    >>> hook_name("attn_out", 3)
+    'blocks.3.hook_attn_out'
+    """
+    s = get_site(site)
+    if model is not None:
+        _check_layer(model, layer)
+        if site == "result" and not model.cfg.use_attn_result:
+            raise ValueError(
+                "Site 'result' needs per-head outputs: call model.set_use_attn_result(True) first "
+                "(or use site 'z', which needs no flag)."
+            )
+    return s.hook.format(layer=layer)
+
+
+def axis_sizes(model, n_pos: int) -> dict[str, int]:
+    """Size of every named axis for ``model`` and prompts of ``n_pos`` tokens."""
+    cfg = model.cfg
+    return {
+        "pos": n_pos,
+        "query_pos": n_pos,
+        "key_pos": n_pos,
+        "head": cfg.n_heads,
+        "kv_head": getattr(cfg, "n_key_value_heads", None) or cfg.n_heads,
+        "d_model": cfg.d_model,
+        "d_head": cfg.d_head,
+        "layer": cfg.n_layers,
+    }
+
+
+def site_shape(model, site: str, n_pos: int) -> tuple[int, ...]:
+    """Shape of one layer's activation at ``site`` (without the batch axis)."""
+    sizes = axis_sizes(model, n_pos)
+    return tuple(sizes[a] for a in get_site(site).axes)
+
+
+@dataclass(frozen=True)
+class Location:
+    """One cell of a site: (site, layer, pos, head). ``None`` means all positions / heads."""
+
+    site: str
+    layer: int
+    pos: int | None = None
+    head: int | None = None
+
+    def validate(self, model, n_pos: int | None = None) -> "Location":
+        """Return self if it exists on ``model`` (prompts of ``n_pos`` tokens); else ValueError."""
+        s = get_site(self.site)
+        _check_layer(model, self.layer)
+        if self.head is not None:
+            if not s.per_head:
+                raise ValueError(f"Site {self.site!r} has no head axis; drop head={self.head}.")
+            axis = "kv_head" if "kv_head" in s.axes else "head"
+            n = axis_sizes(model, 1)[axis]
+            if not 0 <= self.head < n:
+                raise ValueError(f"Head {self.head} is out of range for site {self.site!r}: {axis} is 0..{n - 1}.")
+        if self.pos is not None and n_pos is not None and not -n_pos <= self.pos < n_pos:
+            raise ValueError(f"Position {self.pos} is beyond the prompt: it has {n_pos} tokens (0..{n_pos - 1}).")
+        return self
+
+    def hook_name(self, model=None) -> str:
+        """The hook name of this location's site and layer."""
+        return hook_name(self.site, self.layer, model)
+
+
+HookFn = Callable[[torch.Tensor, object], torch.Tensor | None]
+
+
+def _resolve(model, name: str) -> None:
+    if name not in model.hook_dict:
+        close = difflib.get_close_matches(name, list(model.hook_dict), n=3)
+        raise ValueError(f"Unknown hook {name!r} on this model. Close matches: {close}.")
+    reason = model._gated_hook_reason(name) if hasattr(model, "_gated_hook_reason") else None
+    if reason is not None:
+        raise ValueError(f"Hook {name!r} is switched off on this model: call model.set_{reason}(True) first.")
+
+
+@contextlib.contextmanager
+def hooked(
+    model,
+    fwd_hooks: Sequence[tuple[str, HookFn]] = (),
+    bwd_hooks: Sequence[tuple[str, HookFn]] = (),
+    *,
+    check_fired: bool = True,
+) -> Iterator[dict[str, int]]:
+    """Scope hooks to a ``with`` block and check that each one fired.
+
+    Yields a dict ``{hook name: number of calls}`` (for forward hooks: "fwd:name",
+    backward: "bwd:name"). On leaving the block normally, any hook that never fired
+    raises ``HookNotFiredError``; hooks are removed on every exit path.
+
+    >>> from mechsteer.tiny import tiny_model
+    >>> model = tiny_model("gpt2")
+    >>> with hooked(model, [("blocks.0.hook_attn_out", lambda x, hook: x * 0)]) as calls:
+    ...     _ = model(model.to_tokens("Hello"))
+    >>> calls
+    {'fwd:blocks.0.hook_attn_out': 1}
+    """
+    calls: dict[str, int] = {}
+
+    def wrap(kind: str, name: str, fn: HookFn) -> HookFn:
+        key = f"{kind}:{name}"
+        calls[key] = 0
+
+        def wrapped(act, hook):
+            calls[key] += 1
+            return fn(act, hook=hook)
+
+        return wrapped
+
+    for name, _ in (*fwd_hooks, *bwd_hooks):
+        _resolve(model, name)
+    fwd = [(n, wrap("fwd", n, f)) for n, f in fwd_hooks]
+    bwd = [(n, wrap("bwd", n, f)) for n, f in bwd_hooks]
+    with model.hooks(fwd_hooks=fwd, bwd_hooks=bwd, reset_hooks_end=True):
+        yield calls
+    if check_fired:
+        silent = [k for k, v in calls.items() if v == 0]
+        if silent:
+            raise HookNotFiredError(
+                f"{len(silent)} hook(s) never fired: {silent}. The run did not pass through "
+                "them (wrong name, a start/stop layer that skips them, or no forward/backward pass)."
+            )
+
+
+def run_with_hooks(model, tokens, fwd_hooks=(), bwd_hooks=(), **kwargs):
+    """``model(tokens, **kwargs)`` inside ``hooked``: one scoped, checked forward pass."""
+    with hooked(model, fwd_hooks, bwd_hooks):
+        return model(tokens, **kwargs)
+
+
+def live_hooks(model) -> list[str]:
+    """Names of hook points that still hold hooks (empty after every mechsteer run)."""
+    return [n for n, hp in model.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks]

@@ -1,0 +1,223 @@
+"""Contrastive datasets: (prompt, correct answer token, wrong answer token) + corrupted prompt.
+
+Position-indexed methods (patching per position, ActivScalar, SteerVec) need every prompt
+of a dataset to have the same token length, and every answer to be one token. A dataset
+is therefore built *for a model's tokenizer*: candidate items are tokenised, those that
+fail a check are dropped and counted by reason, and the largest group of equal-length
+prompts is kept. Generation is deterministic given a seed.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One generated item before tokenisation."""
+
+    prompt: str
+    corrupted: str
+    correct: str  # answer text with the leading space the model uses, e.g. " Paris"
+    wrong: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ContrastiveDataset:
+    """Clean and corrupted prompts of one token length with single-token answers.
+
+    ``tokens`` and ``corrupted_tokens`` are ``(batch, pos)``; ``correct`` and ``wrong``
+    are ``(batch,)`` token ids of the answers at the last position.
+    """
+
+    name: str
+    prompts: list[str]
+    corrupted_prompts: list[str]
+    correct_answers: list[str]
+    wrong_answers: list[str]
+    tokens: Int[Tensor, "batch pos"]
+    corrupted_tokens: Int[Tensor, "batch pos"]
+    correct: Int[Tensor, " batch"]
+    wrong: Int[Tensor, " batch"]
+    str_tokens: list[list[str]]  # per prompt, for plot labels
+    dropped: dict[str, int]  # reason -> count of candidates dropped
+    seed: int
+    meta: list[dict[str, Any]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def n_pos(self) -> int:
+        """Token length shared by every prompt."""
+        return self.tokens.shape[1]
+
+    @property
+    def labels(self) -> list[str]:
+        """Position labels for plots: ``"{pos}:{token}"`` of the first prompt."""
+        return [f"{i}:{t}" for i, t in enumerate(self.str_tokens[0])]
+
+    def subset(self, index: Sequence[int] | slice) -> "ContrastiveDataset":
+        """The items at ``index`` (a slice or a list of ints), as a new dataset."""
+        idx = list(range(len(self)))[index] if isinstance(index, slice) else list(index)
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        t = torch.tensor(idx, dtype=torch.long)
+        return replace(
+            self,
+            prompts=pick(self.prompts),
+            corrupted_prompts=pick(self.corrupted_prompts),
+            correct_answers=pick(self.correct_answers),
+            wrong_answers=pick(self.wrong_answers),
+            tokens=self.tokens[t],
+            corrupted_tokens=self.corrupted_tokens[t],
+            correct=self.correct[t],
+            wrong=self.wrong[t],
+            str_tokens=pick(self.str_tokens),
+            meta=pick(self.meta) if self.meta else [],
+        )
+
+    def split(self, test_fraction: float = 0.25) -> tuple["ContrastiveDataset", "ContrastiveDataset"]:
+        """Deterministic (train, test) split; items are already shuffled by the seed."""
+        if not 0 < test_fraction < 1:
+            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
+        n_test = max(1, round(len(self) * test_fraction))
+        if n_test >= len(self):
+            raise ValueError(f"Cannot split {len(self)} items with test_fraction={test_fraction}.")
+        return self.subset(slice(0, len(self) - n_test)), self.subset(slice(len(self) - n_test, None))
+
+    def to_frame(self):
+        """One row per item: prompt, corrupted prompt, answers and their token ids."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            {
+                "prompt": self.prompts,
+                "corrupted_prompt": self.corrupted_prompts,
+                "correct": self.correct_answers,
+                "wrong": self.wrong_answers,
+                "correct_id": self.correct.tolist(),
+                "wrong_id": self.wrong.tolist(),
+            }
+        )
+
+    def to(self, device: str | torch.device) -> "ContrastiveDataset":
+        """The same dataset with its tensors on ``device``."""
+        return replace(
+            self,
+            tokens=self.tokens.to(device),
+            corrupted_tokens=self.corrupted_tokens.to(device),
+            correct=self.correct.to(device),
+            wrong=self.wrong.to(device),
+        )
+
+    @torch.no_grad()
+    def logit_diffs(self, model, batch_size: int = 32) -> tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]]:
+        """Per-prompt f_c - f_w at the last position on the clean and the corrupted prompts."""
+        from mechsteer.metrics import logit_diff
+
+        out: dict[str, list[Tensor]] = {"clean": [], "corrupted": []}
+        for start in range(0, len(self), batch_size):
+            sl = slice(start, start + batch_size)
+            for key, toks in (("clean", self.tokens), ("corrupted", self.corrupted_tokens)):
+                logits = model(toks[sl].to(model.cfg.device))
+                out[key].append(logit_diff(logits, self.correct[sl], self.wrong[sl], reduce="none").cpu())
+        return torch.cat(out["clean"]), torch.cat(out["corrupted"])
+
+    def evaluate(self, model, batch_size: int = 32) -> dict[str, float | int]:
+        """Fraction of prompts on which the model prefers the correct answer, and the mean
+        logit difference, on clean and corrupted prompts."""
+        clean, corrupt = self.logit_diffs(model, batch_size)
+        return {
+            "n": len(self),
+            "accuracy": (clean > 0).float().mean().item(),
+            "logit_diff": clean.mean().item(),
+            "corrupted_accuracy": (corrupt > 0).float().mean().item(),
+            "corrupted_logit_diff": corrupt.mean().item(),
+        }
+
+
+def single_token(tokenizer, text: str) -> int | None:
+    """The id of ``text`` if it is exactly one token (no special tokens added), else None."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[0] if len(ids) == 1 else None
+
+
+def build_dataset(
+    name: str,
+    model,
+    candidates: Sequence[Candidate],
+    *,
+    n: int | None,
+    seed: int,
+    min_items: int = 2,
+) -> ContrastiveDataset:
+    """Tokenise ``candidates`` for ``model``, drop invalid ones, keep one token length.
+
+    Drop reasons: ``answer_not_single_token``, ``answers_equal``,
+    ``corrupted_length_differs``, ``length_not_modal`` (the prompt's token length differs
+    from the most common one), ``duplicate``. Raises ValueError when fewer than
+    ``min_items`` remain, naming the counts.
+    """
+    tokenizer = model.tokenizer
+    dropped: Counter[str] = Counter()
+    kept: list[tuple[Candidate, list[int], list[int], int, int]] = []
+    seen: set[str] = set()
+    for c in candidates:
+        if c.prompt in seen:
+            dropped["duplicate"] += 1
+            continue
+        seen.add(c.prompt)
+        cid, wid = single_token(tokenizer, c.correct), single_token(tokenizer, c.wrong)
+        if cid is None or wid is None:
+            dropped["answer_not_single_token"] += 1
+            continue
+        if cid == wid:
+            dropped["answers_equal"] += 1
+            continue
+        clean = model.to_tokens(c.prompt)[0].tolist()
+        corrupt = model.to_tokens(c.corrupted)[0].tolist()
+        if len(clean) != len(corrupt):
+            dropped["corrupted_length_differs"] += 1
+            continue
+        kept.append((c, clean, corrupt, cid, wid))
+    if kept:
+        lengths = Counter(len(k[1]) for k in kept)
+        modal = max(lengths, key=lambda L: (lengths[L], -L))
+        dropped["length_not_modal"] += sum(v for L, v in lengths.items() if L != modal)
+        kept = [k for k in kept if len(k[1]) == modal]
+    random.Random(seed).shuffle(kept)
+    if n is not None:
+        kept = kept[:n]
+    if len(kept) < min_items:
+        raise ValueError(
+            f"{name}: only {len(kept)} valid items for this tokenizer (need at least "
+            f"{min_items}; dropped: {dict(dropped)}). Add facts or use another model."
+        )
+    if n is not None and len(kept) < n:
+        warnings.warn(f"{name}: asked for {n} items, {len(kept)} are valid for this tokenizer.", stacklevel=3)
+    device = model.cfg.device
+    toks = torch.tensor([k[1] for k in kept], device=device)
+    return ContrastiveDataset(
+        name=name,
+        prompts=[k[0].prompt for k in kept],
+        corrupted_prompts=[k[0].corrupted for k in kept],
+        correct_answers=[k[0].correct for k in kept],
+        wrong_answers=[k[0].wrong for k in kept],
+        tokens=toks,
+        corrupted_tokens=torch.tensor([k[2] for k in kept], device=device),
+        correct=torch.tensor([k[3] for k in kept], device=device),
+        wrong=torch.tensor([k[4] for k in kept], device=device),
+        str_tokens=[[tokenizer.decode([t]) for t in k[1]] for k in kept],
+        dropped={k: v for k, v in dropped.items() if v},
+        seed=seed,
+        meta=[k[0].meta for k in kept],
+    )
