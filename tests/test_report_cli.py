@@ -1,0 +1,57 @@
+import json
+import re
+
+import pytest
+
+from mechsteer.cli import main
+from mechsteer.report import Report, Section, model_section, task_section
+from mechsteer.tasks import ccc, ioi
+
+
+def test_report_is_offline_and_has_a_summary(tiny_gpt2, tmp_path):
+    report = Report("t")
+    report.add(model_section(tiny_gpt2))
+    report.add(task_section(tiny_gpt2, [ccc(tiny_gpt2, n=4), ioi(tiny_gpt2, n=4)]))
+    page = report.write(tmp_path).read_text()
+    assert not re.search(r"<script[^>]*\bsrc=", page), "plotly.js must be inlined, not fetched"
+    assert page.count("Plotly.newPlot") >= 2
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["model"]["n_layers"] == 2
+    assert summary["model"]["fingerprint"]["weights_sha256"]
+    assert set(summary["tasks"]) == {"ccc", "ioi"}
+    assert summary["tasks"]["ioi"]["n"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.html", "summary.json"]
+
+
+def test_section_keys_are_unique():
+    report = Report()
+    report.add(Section("a", "A"))
+    with pytest.raises(ValueError, match="already has a section 'a'"):
+        report.add(Section("a", "again"))
+
+
+def test_cli_info(capsys):
+    assert main(["info", "--model", "tiny-llama"]) == 0
+    out = capsys.readouterr().out
+    assert "n_layers" in out and "blocks.{layer}.hook_attn_out" in out
+    assert main(["info", "--model", "tiny-gpt2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_heads"] == 4
+
+
+def test_cli_tasks(capsys):
+    assert main(["tasks", "--task", "ioi", "--n", "5", "--model", "tiny-gpt2"]) == 0
+    out = capsys.readouterr().out
+    assert "ioi: 5 prompts of" in out and "dropped" in out
+
+
+def test_cli_demo_writes_the_report(tmp_path):
+    assert main(["demo", "--out", str(tmp_path / "d"), "--n", "4", "--model", "tiny-llama"]) == 0
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert {"model", "tasks"} <= set(summary)
+    assert (tmp_path / "d" / "index.html").stat().st_size > 1_000_000  # plotly.js inlined
+
+
+def test_cli_bad_input_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["tasks", "--task", "sst2"])
+    assert "invalid choice" in capsys.readouterr().err
