@@ -1,0 +1,166 @@
+"""The one result type every attribution method returns.
+
+An ``AttributionResult`` holds scores over model locations with named axes, drawn from one
+vocabulary: ``site``, ``layer``, ``head``, ``pos``. Examples:
+
+- ``("layer", "pos")``: one site (``attn_out``) per layer and token position;
+- ``("site", "layer", "pos")``: several sites stacked (``attn_out``, ``mlp_out``);
+- ``("layer", "head")``: heads, summed over positions or read at one position;
+- ``("layer", "head", "pos")``: heads per position.
+
+Scores are averaged over the dataset; ``per_prompt`` keeps them per prompt
+(``("prompt", *axes)``) when a method is asked to. The result carries the prompt's string
+tokens (position labels), the method's name, the metric explained and the time it took,
+converts to a tidy DataFrame, ranks its top-k locations and plots itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+AXES = ("site", "layer", "head", "pos")
+
+
+@dataclass
+class AttributionResult:
+    """Scores over model locations. ``scores.shape`` matches ``axes``."""
+
+    scores: Tensor
+    axes: tuple[str, ...]
+    method: str
+    metric: str = "logit_diff"
+    labels: dict[str, list[str]] = field(default_factory=dict)  # per-axis tick labels
+    seconds: float = float("nan")
+    per_prompt: Tensor | None = None  # ("prompt", *axes)
+    forward_equivalents: float | None = None  # seconds / one plain forward of the same batch
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.axes = tuple(self.axes)
+        unknown = [a for a in self.axes if a not in AXES]
+        if unknown:
+            raise ValueError(f"Unknown axes {unknown}; axes come from {AXES}.")
+        if self.scores.ndim != len(self.axes):
+            raise ValueError(f"scores have shape {tuple(self.scores.shape)} but axes are {self.axes}.")
+        if self.per_prompt is not None and tuple(self.per_prompt.shape[1:]) != tuple(self.scores.shape):
+            raise ValueError(
+                f"per_prompt has shape {tuple(self.per_prompt.shape)}; expected (prompt, {tuple(self.scores.shape)})."
+            )
+        self.scores = self.scores.detach().float().cpu()
+        if self.per_prompt is not None:
+            self.per_prompt = self.per_prompt.detach().float().cpu()
+        for axis, labels in self.labels.items():
+            if axis in self.axes and len(labels) != self.scores.shape[self.axes.index(axis)]:
+                raise ValueError(f"{len(labels)} labels for axis {axis!r} of size {self.scores.shape[self.axes.index(axis)]}.")
+
+    # ---- views -------------------------------------------------------------------------
+    def axis_labels(self, axis: str) -> list[str]:
+        """Tick labels of ``axis`` (given labels, else indices)."""
+        if axis in self.labels:
+            return list(self.labels[axis])
+        return [str(i) for i in range(self.scores.shape[self.axes.index(axis)])]
+
+    def select(self, **index: int | str) -> "AttributionResult":
+        """Fix axes by index or label, e.g. ``result.select(site="attn_out")``."""
+        scores, per_prompt, axes, labels = self.scores, self.per_prompt, list(self.axes), dict(self.labels)
+        for axis, value in index.items():
+            if axis not in axes:
+                raise ValueError(f"This result has no axis {axis!r}; its axes are {tuple(axes)}.")
+            i = self.axis_labels(axis).index(value) if isinstance(value, str) else value
+            d = axes.index(axis)
+            scores = scores.select(d, i)
+            per_prompt = per_prompt.select(d + 1, i) if per_prompt is not None else None
+            axes.pop(d)
+            labels.pop(axis, None)
+        return replace(self, scores=scores, per_prompt=per_prompt, axes=tuple(axes), labels=labels)
+
+    def sum(self, axis: str) -> "AttributionResult":
+        """Sum over ``axis`` (e.g. heads per position -> heads summed over positions)."""
+        d = self.axes.index(axis)
+        labels = {k: v for k, v in self.labels.items() if k != axis}
+        pp = self.per_prompt.sum(d + 1) if self.per_prompt is not None else None
+        return replace(self, scores=self.scores.sum(d), per_prompt=pp, axes=self.axes[:d] + self.axes[d + 1 :], labels=labels)
+
+    # ---- tables ------------------------------------------------------------------------
+    def to_frame(self, per_prompt: bool = False):
+        """Tidy table: one row per location (per prompt when asked), axis columns + ``score``."""
+        import pandas as pd
+
+        values = self.per_prompt if per_prompt else self.scores
+        if values is None:
+            raise ValueError("This result kept no per-prompt scores; rerun the method with per_prompt=True.")
+        axes = (("prompt",) if per_prompt else ()) + self.axes
+        grids = torch.meshgrid(*[torch.arange(n) for n in values.shape], indexing="ij")
+        data = {}
+        for axis, g in zip(axes, grids):
+            idx = g.reshape(-1)
+            data[axis] = idx.numpy()
+            if axis == "site" or (axis == "pos" and "pos" in self.labels):
+                data["token" if axis == "pos" else axis] = [self.axis_labels(axis)[i] for i in idx.tolist()]
+        data["score"] = values.reshape(-1).numpy()
+        df = pd.DataFrame(data)
+        df.insert(0, "method", self.method)
+        return df
+
+    def top_k(self, k: int = 10, by: str = "abs"):
+        """The ``k`` locations with the largest scores (``by="abs"``, ``"pos"`` or ``"neg"``)."""
+        df = self.to_frame()
+        key = {"abs": df["score"].abs(), "pos": df["score"], "neg": -df["score"]}.get(by)
+        if key is None:
+            raise ValueError(f"by must be 'abs', 'pos' or 'neg', got {by!r}.")
+        return df.loc[key.sort_values(ascending=False).index[:k]].reset_index(drop=True)
+
+    def flat(self) -> Tensor:
+        """Scores as one vector (for correlations between methods on the same grid)."""
+        return self.scores.reshape(-1)
+
+    # ---- plots -------------------------------------------------------------------------
+    def grid(self) -> tuple[Tensor, str, str]:
+        """The 2-D (rows, columns) view used for plotting, with the axis names."""
+        if len(self.axes) != 2:
+            raise ValueError(f"Plot a 2-D view: this result has axes {self.axes}; use select() or sum() first.")
+        rows, cols = self.axes
+        return self.scores, rows, cols
+
+    def plot(self, title: str | None = None, zmax: float | None = None):
+        """Plotly heatmap: layer x position (token labels) or layer x head; one panel per site."""
+        from mechsteer.plots import facet_heatmaps, heatmap
+
+        title = title or f"{self.method}: {self.metric}"
+        if "site" in self.axes and len(self.axes) == 3:
+            panels = [self.select(site=s) for s in self.axis_labels("site")]
+            return facet_heatmaps(panels, titles=self.axis_labels("site"), title=title, zmax=zmax)
+        z, rows, cols = self.grid()
+        return heatmap(
+            z.numpy(),
+            x_labels=self.axis_labels(cols),
+            y_labels=self.axis_labels(rows),
+            x_title=cols,
+            y_title=rows,
+            title=title,
+            zmax=zmax,
+        )
+
+    def __repr__(self) -> str:
+        shape = ", ".join(f"{a}={n}" for a, n in zip(self.axes, self.scores.shape))
+        return f"AttributionResult(method={self.method!r}, metric={self.metric!r}, {shape}, seconds={self.seconds:.3g})"
+
+
+def stack_sites(results: Sequence[AttributionResult], sites: Sequence[str]) -> AttributionResult:
+    """Stack per-site results of one method into one result with a leading ``site`` axis."""
+    first = results[0]
+    pp = None
+    if all(r.per_prompt is not None for r in results):
+        pp = torch.stack([r.per_prompt for r in results], 1)
+    return replace(
+        first,
+        scores=torch.stack([r.scores for r in results]),
+        per_prompt=pp,
+        axes=("site",) + first.axes,
+        labels={**first.labels, "site": list(sites)},
+        seconds=sum(r.seconds for r in results),
+    )
