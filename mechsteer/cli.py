@@ -19,10 +19,6 @@ _MODEL_HELP = "model name: an embedded model (default SmolLM2-135M-Instruct, or 
 def _load(name: str | None):
     from mechsteer.models import load_model
 
-    if name in ("tiny-llama", "tiny-gpt2"):
-        from mechsteer.tiny import tiny_model
-
-        return tiny_model(name.split("-", 1)[1])
     return load_model(name)
 
 

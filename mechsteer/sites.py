@@ -181,7 +181,7 @@ def hooked(
 
         def wrapped(act, hook):
             calls[key] += 1
-            return fn(act, hook=hook)
+            return fn(act, hook)
 
         return wrapped
 

@@ -1,0 +1,236 @@
+"""Attribution patching (AtP): activation patching at the cost of one backward pass.
+
+Activation patching runs the model once per location: it swaps one activation a between a
+clean and a corrupted run and records the metric m. Attribution patching (Nanda 2023;
+Syed et al. 2023; Kramár et al. 2024) replaces every one of those runs by a first-order
+Taylor expansion around the run being patched:
+
+    m(a <- a') - m(a)  ~=  grad_a m . (a' - a)
+
+One forward+backward pass gives grad_a m at every requested location, and one extra
+forward gives a' there; each location's estimate is then a dot product over the feature
+axis (``d_model``, or ``d_head`` for site ``z``).
+
+Two directions, scored on the same scale as activation patching:
+
+- ``"noising"`` (default): gradient on the *clean* run, patch in the corrupted activation.
+  score = (m_clean - m_patched) / (m_clean - m_corr)
+        ~= -grad_clean . (a_corr - a_clean) / (m_clean - m_corr)
+  1 means the location alone carries the whole clean-vs-corrupted difference.
+- ``"denoising"``: gradient on the *corrupted* run, patch in the clean activation.
+  score = (m_patched - m_corr) / (m_clean - m_corr)
+        ~= grad_corr . (a_clean - a_corr) / (m_clean - m_corr)
+
+Axes: residual-like sites (``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``,
+``mlp_out``) give ``("layer", "pos")``; site ``z`` gives ``("layer", "head", "pos")``, one
+score per head *and* position (call ``result.sum("pos")`` for per-head totals: the
+estimate is linear, so patching a head at every position is the sum of its positions).
+
+Caveats: the estimate is exact only where m is linear in the patched activation. It is
+poor where the model saturates (attention patterns near 0 or 1, large LayerNorm scale
+changes; e.g. ``resid_pre`` at early layers when a token embedding is swapped) and, by
+construction, blind to interactions between locations. Use it to rank and shortlist;
+confirm the top locations with real activation patching.
+
+Cost: every requested site comes from the same two passes (one forward+backward on the
+run being patched, one forward on the other), so asking for four sites costs about the
+same as asking for one. The gradient is taken with respect to a zero tensor added at each
+hook (``x + delta``), so no model parameter needs ``requires_grad``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechsteer.attribution._common import (
+    Metric,
+    check_dataset,
+    check_metric_output,
+    check_sites,
+    default_metric,
+    per_prompt_metric,
+    timer,
+)
+from mechsteer.attribution.result import AttributionResult
+from mechsteer.sites import hook_name, hooked
+from mechsteer.tasks.base import ContrastiveDataset
+
+ATP_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z")
+Direction = Literal["noising", "denoising"]
+
+
+def _metric_values(logits: Tensor, ds: ContrastiveDataset, metric: Metric | None) -> tuple[Tensor, Tensor]:
+    """(value to differentiate, per-prompt values or the scalar): the default metric is
+    differentiated as a sum over prompts so each prompt keeps its own gradient."""
+    if metric is None:
+        per = per_prompt_metric(logits, ds)  # (B,)
+        return per.sum(), per
+    value = check_metric_output(metric(logits, ds), name="custom metric")
+    return value, value
+
+
+def _grad_pass(model, tokens: Tensor, names: list[str], ds, metric) -> tuple[dict, dict, Tensor]:
+    """Forward+backward on ``tokens``: activations and d(metric)/d(activation) at ``names``."""
+    acts: dict[str, Tensor] = {}
+    deltas: dict[str, Tensor] = {}
+
+    def add_delta(name: str):
+        def fn(x: Tensor, hook) -> Tensor:
+            acts[name] = x.detach()
+            deltas[name] = torch.zeros_like(x, requires_grad=True)
+            return x + deltas[name]  # same value; d(metric)/d(delta) = d(metric)/d(x)
+
+        return fn
+
+    with torch.enable_grad():
+        with hooked(model, [(n, add_delta(n)) for n in names]):
+            logits = model(tokens)
+        target, values = _metric_values(logits, ds, metric)
+        grads = torch.autograd.grad(target, [deltas[n] for n in names], allow_unused=True)
+    grad = {n: torch.zeros_like(acts[n]) if g is None else g for n, g in zip(names, grads)}
+    return acts, grad, values.detach()
+
+
+@torch.no_grad()
+def _cache_pass(model, tokens: Tensor, names: list[str], ds, metric) -> tuple[dict, Tensor]:
+    """Plain forward on ``tokens``, storing the activations at ``names`` only."""
+    acts: dict[str, Tensor] = {}
+
+    def store(name: str):
+        def fn(x: Tensor, hook) -> None:
+            acts[name] = x.detach()
+
+        return fn
+
+    with hooked(model, [(n, store(n)) for n in names]):
+        logits = model(tokens)
+    return acts, _metric_values(logits, ds, metric)[1]
+
+
+def _gap(clean: Tensor, corrupted: Tensor, what: str) -> Tensor:
+    gap = clean - corrupted
+    if (gap.abs() < 1e-8).any():
+        raise ValueError(
+            f"Cannot normalise AtP scores: the clean and corrupted {what} are equal "
+            f"(clean {clean.tolist()}, corrupted {corrupted.tolist()}); the task does not separate them."
+        )
+    return gap
+
+
+def attribution_patching_all(
+    model,
+    ds: ContrastiveDataset,
+    *,
+    sites: Sequence[str] | str = ("resid_pre", "attn_out", "mlp_out", "z"),
+    direction: Direction = "noising",
+    metric: Metric | None = None,
+    per_prompt: bool = False,
+) -> dict[str, AttributionResult]:
+    """AtP scores of every site in ``sites`` from one forward+backward and one forward.
+
+    score(l, p) ~= -grad_clean m . (a_corr - a_clean) / (m_clean - m_corr) (noising) or
+    grad_corr m . (a_clean - a_corr) / (m_clean - m_corr) (denoising); see the module
+    docstring. ``metric(logits, ds) -> scalar`` replaces the mean logit difference;
+    ``per_prompt=True`` (default metric only) also keeps each prompt's score, normalised
+    by that prompt's own clean-minus-corrupted logit difference (``scores`` always uses
+    the mean metric, so it is not ``per_prompt.mean(0)``). Every result's ``seconds`` is
+    the time of the shared run.
+
+    >>> from mechsteer.tiny import tiny_model
+    >>> from mechsteer.tasks import ioi
+    >>> model = tiny_model("gpt2"); ds = ioi(model, n=4)
+    >>> out = attribution_patching_all(model, ds, sites=("attn_out", "z"))
+    >>> out["attn_out"].axes, out["z"].axes
+    (('layer', 'pos'), ('layer', 'head', 'pos'))
+    """
+    check_dataset(ds)
+    sites = check_sites(sites, ATP_SITES)
+    if not sites:
+        raise ValueError(f"Pass at least one site; supported: {list(ATP_SITES)}.")
+    if direction not in ("noising", "denoising"):
+        raise ValueError(f"direction must be 'noising' or 'denoising', got {direction!r}.")
+    if metric is not None and not callable(metric):
+        raise TypeError(f"metric must be a callable metric(logits, ds) -> scalar or None, got {type(metric).__name__}.")
+    if per_prompt and metric is not None:
+        raise ValueError("per_prompt=True needs the default metric (per-prompt logit difference); drop metric=.")
+    device = model.cfg.device
+    ds = ds.to(device)
+    layers = range(model.cfg.n_layers)
+    names = {s: [hook_name(s, layer, model) for layer in layers] for s in sites}
+    flat = [n for s in sites for n in names[s]]
+    base, other = (ds.tokens, ds.corrupted_tokens) if direction == "noising" else (ds.corrupted_tokens, ds.tokens)
+
+    with timer() as t:
+        acts, grads, m_base = _grad_pass(model, base, flat, ds, metric)
+        acts_other, m_other = _cache_pass(model, other, flat, ds, metric)
+        m_clean, m_corr = (m_base, m_other) if direction == "noising" else (m_other, m_base)
+        sign = -1.0 if direction == "noising" else 1.0
+        out: dict[str, AttributionResult] = {}
+        for s in sites:
+            # first-order change of the (per-prompt or custom) metric, per prompt and cell
+            raw = torch.stack([_dot(grads[n], acts_other[n] - acts[n]) for n in names[s]], 1)  # (B, L, pos) | (B, L, H, pos)
+            if metric is None:
+                total = raw.mean(0)  # d(mean metric) = mean of per-prompt changes
+                scores = sign * total / _gap(m_clean.mean(), m_corr.mean(), "mean logit differences")
+            else:
+                scores = sign * raw.sum(0) / _gap(m_clean, m_corr, "metric values")
+            pp = None
+            if per_prompt:
+                gap = _gap(m_clean, m_corr, "logit differences of some prompts")
+                pp = sign * raw / gap.reshape(-1, *[1] * (raw.ndim - 1))
+            out[s] = (scores, pp)
+    metric_name = "logit_diff" if metric is None else getattr(metric, "__name__", "custom")
+    meta = {
+        "direction": direction,
+        "clean_metric": float(m_clean.mean()),
+        "corrupted_metric": float(m_corr.mean()),
+        "sites_in_run": list(sites),
+    }
+    return {
+        s: AttributionResult(
+            scores=scores,
+            axes=("layer", "head", "pos") if s == "z" else ("layer", "pos"),
+            method="AtP",
+            metric=metric_name,
+            labels={"pos": ds.labels},
+            seconds=t["seconds"],
+            per_prompt=pp,
+            meta={**meta, "site": s},
+        )
+        for s, (scores, pp) in out.items()
+    }
+
+
+def _dot(
+    grad: Float[Tensor, "batch pos *feat"], diff: Float[Tensor, "batch pos *feat"]
+) -> Float[Tensor, "batch *cells"]:
+    """grad . diff over the last (feature) axis; heads move in front of positions."""
+    d = (grad * diff).sum(-1)  # (B, pos) or (B, pos, H)
+    return d.transpose(1, 2) if d.ndim == 3 else d  # (B, H, pos)
+
+
+def attribution_patching(
+    model,
+    ds: ContrastiveDataset,
+    *,
+    site: str = "attn_out",
+    direction: Direction = "noising",
+    metric: Metric | None = None,
+    per_prompt: bool = False,
+) -> AttributionResult:
+    """AtP scores of one site; see ``attribution_patching_all`` and the module docstring.
+
+    >>> from mechsteer.tiny import tiny_model
+    >>> from mechsteer.tasks import ioi
+    >>> model = tiny_model("llama"); ds = ioi(model, n=4)
+    >>> r = attribution_patching(model, ds, site="z")
+    >>> tuple(r.sum("pos").scores.shape)  # per-head totals: (layer, head)
+    (2, 4)
+    """
+    return attribution_patching_all(
+        model, ds, sites=(site,), direction=direction, metric=metric, per_prompt=per_prompt
+    )[site]

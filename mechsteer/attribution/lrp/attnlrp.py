@@ -1,0 +1,274 @@
+"""AttnLRP on TransformerLens hook points: one forward + one backward pass, many readouts.
+
+AttnLRP (Achtibat et al., 2024) explains a model output f (a target logit, or the logit
+difference f_c - f_w) as relevances R that add up to roughly f. Written as *gradient x
+input*, ``R(a) = a * d~f/da`` for any activation a, where d~ is the gradient after the
+rules of ``rules.py`` have been placed on the bridge's hook points (``rule_hooks``):
+
+- ``blocks.{l}.ln1/ln2.hook_scale``, ``ln_final.hook_scale``: frozen (identity rule on
+  the normaliser; the bridge then computes ``x / scale`` with a constant scale);
+- ``attn.hook_q, hook_k`` x1/4 and ``attn.hook_v`` x1/2 (``uniform="qk"``, the uniform rule
+  on Q.K^T and A.V folded onto q, k, v), or x1/2 on q, k, ``hook_pattern`` and v
+  (``uniform="pattern"``): the same relevances;
+- ``mlp.hook_post``: the identity rule on act(pre) (``mlp.hook_pre``), and on gated MLPs
+  also the uniform rule on act(gate) * up (``mlp.hook_pre_linear``);
+- CP-LRP (``variant="cp"``): the attention pattern is a constant and V keeps its full
+  gradient; norms and MLP as above. Without biases it is exactly conservative.
+
+Readouts of one call, all from the same pass: ``"input"`` (token-embedding relevance,
+``hook_embed``, summed over d_model: axes ``("pos",)``; for learned positional
+embeddings their share is in ``sites`` at resid_pre, layer 0), ``"sites"`` (R summed
+over d_model at resid_pre / attn_out / mlp_out / resid_post: ``("site", "layer",
+"pos")``) and ``"heads"`` (relevance of the attention weights from ``query_pos`` to the
+``key_pos`` keys, ``R(A_qk) = A_qk * d~f/dA_qk`` with A's half of A.V: ``("layer",
+"head")``; the function-vector recipe takes ``positive=True`` and the task-defining
+tokens as ``key_pos``). ``rules=False`` gives plain gradient x input at the same places.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Iterator, Literal, Sequence
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechsteer.attribution._common import check_sites, timer
+from mechsteer.attribution.lrp import rules as R
+from mechsteer.attribution.result import AttributionResult
+from mechsteer.sites import HookFn, hook_name, hooked
+from mechsteer.tasks.base import ContrastiveDataset
+
+NORM_SCALES = ("blocks.{layer}.ln1.hook_scale", "blocks.{layer}.ln2.hook_scale")
+FINAL_SCALE = "ln_final.hook_scale"
+ATTN = {s: f"blocks.{{layer}}.attn.hook_{s}" for s in ("q", "k", "v", "pattern")}
+MLP = {s: f"blocks.{{layer}}.mlp.hook_{s}" for s in ("pre", "pre_linear", "post")}
+# Gradient factors of the uniform rule (Q.K^T and A.V, half to each factor) per placement:
+# the path into q and k crosses both products, so "qk" folds both halvings onto them.
+UNIFORM = {"qk": {"q": 0.25, "k": 0.25, "v": 0.5}, "pattern": {"q": 0.5, "k": 0.5, "pattern": 0.5, "v": 0.5}}
+VARIANTS = ("attnlrp", "cp")
+READOUTS = ("input", "sites", "heads")
+READOUT_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+DEFAULT_SITES = ("resid_pre", "attn_out", "mlp_out", "resid_post")
+_BRIDGE_WARNING = "A forward hook edited hook_scale"  # the norm's exact-path fallback, expected
+
+
+def _mlp_hooks(layer: int, gated: bool, ratio) -> list[tuple[str, HookFn]]:
+    """Identity rule on act(pre) (+ uniform rule on act(gate) * up), applied at hook_post."""
+    seen: dict[str, Tensor] = {}
+
+    def keep(key: str) -> HookFn:
+        def fn(x, hook):
+            seen[key] = x  # the tensor that flows on into act / the product
+            return x
+
+        return fn
+
+    def post(x, hook):
+        if gated:
+            return R.gated_rule(seen.pop("pre"), seen.pop("pre_linear"), x, ratio)
+        return R.identity_rule(seen.pop("pre"), x, ratio)
+
+    keys = ("pre", "pre_linear") if gated else ("pre",)
+    return [(MLP[k].format(layer=layer), keep(k)) for k in keys] + [(MLP["post"].format(layer=layer), post)]
+
+
+def rule_hooks(model, *, variant: str = "attnlrp", uniform: str = "qk") -> list[tuple[str, HookFn]]:
+    """The forward hooks that place the rules (``variant`` "attnlrp" or "cp") on ``model``."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
+    if uniform not in UNIFORM:
+        raise ValueError(f"uniform must be one of {tuple(UNIFORM)}, got {uniform!r}.")
+    ratio = R.ACT_RATIOS.get(model.cfg.act_fn)
+    if ratio is None:
+        raise ValueError(f"No identity rule for activation {model.cfg.act_fn!r}; supported: {sorted(R.ACT_RATIOS)}.")
+    freeze = lambda x, hook: R.freeze_grad(x)  # noqa: E731
+    hooks: list[tuple[str, HookFn]] = []
+    for layer in range(model.cfg.n_layers):
+        hooks += [(t.format(layer=layer), freeze) for t in NORM_SCALES]
+        if variant == "cp":
+            hooks.append((ATTN["pattern"].format(layer=layer), lambda x, hook: R.constant(x)))
+        else:
+            for site, s in UNIFORM[uniform].items():
+                hooks.append((ATTN[site].format(layer=layer), lambda x, hook, s=s: R.scale_grad(x, s)))
+        hooks += _mlp_hooks(layer, bool(model.cfg.gated_mlp), ratio)
+    return hooks + [(FINAL_SCALE, freeze)]
+
+
+@contextlib.contextmanager
+def lrp_rules(
+    model, *, variant: str = "attnlrp", uniform: str = "qk", rules: bool = True, extra: Sequence = ()
+) -> Iterator[dict[str, int]]:
+    """Run ``model`` with the LRP rules (and ``extra`` forward hooks after them), grad on.
+
+    Yields ``hooked``'s call counts. Inside, ``a * grad`` of any activation is its relevance.
+
+    >>> from mechsteer.tiny import tiny_model
+    >>> model = tiny_model("llama")
+    >>> with lrp_rules(model) as calls:
+    ...     _ = model(model.to_tokens("Hello"))
+    >>> calls["fwd:blocks.1.attn.hook_v"]
+    1
+    """
+    hooks = rule_hooks(model, variant=variant, uniform=uniform) if rules else []
+    with warnings.catch_warnings(), torch.enable_grad():
+        warnings.filterwarnings("ignore", message=_BRIDGE_WARNING)
+        with hooked(model, [*hooks, *extra]) as calls:
+            yield calls
+
+
+def _key_mask(key_pos, n: int, n_pos: int) -> Tensor | None:
+    if key_pos is None:
+        return None
+    per_prompt = len(key_pos) > 0 and not isinstance(key_pos[0], int)
+    rows = list(key_pos) if per_prompt else [key_pos] * n
+    if len(rows) != n:
+        raise ValueError(f"key_pos has {len(rows)} lists of positions for {n} prompts; give one per prompt.")
+    mask = torch.zeros(n, n_pos)
+    for i, row in enumerate(rows):
+        for p in row:
+            if not isinstance(p, int) or not -n_pos <= p < n_pos:
+                raise ValueError(f"key_pos entry {p!r} is not a position of these {n_pos}-token prompts.")
+            mask[i, p] = 1.0
+    return mask
+
+
+def _one_pass(model, tokens, answer, wrong, *, names, heads, query_pos, mask, positive, share, **rule_kw):
+    """One forward + one backward: target (B,), R_input (B,T), R_sites (B,S,L,T), R_heads (B,L,H)."""
+    B, n_pos = tokens.shape
+    L = model.cfg.n_layers
+    out = {"sites": torch.zeros(B, len(names), L, n_pos), "heads": torch.zeros(B, L, model.cfg.n_heads)}
+    leaves: list[Tensor] = []
+
+    def embed(x, hook):
+        leaves.insert(0, x.detach().requires_grad_(True))
+        return leaves[0]
+
+    def site(i: int, layer: int) -> HookFn:
+        def fn(x, hook):
+            a = x.detach()
+            x.register_hook(lambda g: out["sites"][:, i, layer].copy_((a.float() * g.float()).sum(-1)))
+
+        return fn
+
+    def head(layer: int) -> HookFn:
+        def fn(x, hook):  # (B, H, Q, K), after the rule at this hook point
+            a = x.detach()[:, :, query_pos].float()
+
+            def read(g):
+                r = share * a * g[:, :, query_pos].float()  # (B, H, K)
+                r = r * mask[:, None].to(r.device) if mask is not None else r
+                out["heads"][:, layer] = (r.clamp(min=0) if positive else r).sum(-1).cpu()
+
+            if x.is_leaf:  # CP-LRP's constant pattern: read its gradient as an input
+                leaves.append(x)
+            x.register_hook(read)
+
+        return fn
+
+    extra = [("hook_embed", embed)]
+    extra += [(hook_name(s, l), site(i, l)) for i, s in enumerate(names) for l in range(L)]
+    extra += [(ATTN["pattern"].format(layer=l), head(l)) for l in range(L)] if heads else []
+    with lrp_rules(model, extra=extra, **rule_kw):
+        f = model(tokens)[:, -1].float()  # (B, vocab)
+        idx = torch.arange(B, device=f.device)
+        target = f[idx, answer] - (f[idx, wrong] if wrong is not None else 0.0)
+        grads = torch.autograd.grad(target.sum(), leaves)
+    r_input = (leaves[0].detach().float() * grads[0].float()).sum(-1)
+    return target.detach().cpu(), r_input.cpu(), out["sites"], out["heads"]
+
+
+def attnlrp(
+    model,
+    data: ContrastiveDataset | Int[Tensor, "batch pos"],
+    *,
+    target: Literal["logit_diff", "logit"] | None = None,
+    answer: Int[Tensor, " batch"] | int | None = None,
+    wrong: Int[Tensor, " batch"] | int | None = None,
+    variant: Literal["attnlrp", "cp"] = "attnlrp",
+    readout: str | Sequence[str] = READOUTS,
+    sites: Sequence[str] = DEFAULT_SITES,
+    query_pos: int = -1,
+    key_pos: Sequence[int] | Sequence[Sequence[int]] | None = None,
+    positive: bool = False,
+    rules: bool = True,
+    uniform: Literal["qk", "pattern"] = "qk",
+    per_prompt: bool = False,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> AttributionResult | dict[str, AttributionResult]:
+    """AttnLRP relevances R = a * d~f/da of f = f_c - f_w (dataset) or f_answer (tokens).
+
+    ``readout``: a name from ``READOUTS`` (returns one result) or several (returns a dict).
+    Scores are means over prompts; ``meta["target"]`` holds each prompt's f.
+
+    >>> from mechsteer.tiny import tiny_model
+    >>> from mechsteer.tasks import ioi
+    >>> model = tiny_model("llama")
+    >>> out = attnlrp(model, ioi(model, n=4, template=1), progress=False)
+    >>> out["sites"].axes, out["heads"].axes, out["input"].axes
+    (('site', 'layer', 'pos'), ('layer', 'head'), ('pos',))
+    """
+    names = check_sites(sites, READOUT_SITES)
+    wanted = [readout] if isinstance(readout, str) else list(readout)
+    if not wanted or any(r not in READOUTS for r in wanted):
+        raise ValueError(f"readout must be one or more of {READOUTS}, got {readout!r}.")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
+    if isinstance(data, ContrastiveDataset):
+        if answer is not None or wrong is not None:
+            raise ValueError("A ContrastiveDataset brings its own answers; pass answer=/wrong= only with raw tokens.")
+        target = target or "logit_diff"
+        tokens, answer, wrong, labels = data.tokens, data.correct, data.wrong, data.labels
+    else:
+        if not isinstance(data, Tensor) or data.ndim != 2:
+            raise ValueError(f"Expected a ContrastiveDataset or tokens of shape (batch, pos), got {getattr(data, 'shape', data)!r}.")
+        target = target or "logit"
+        tokens = data
+        labels = [f"{i}:{t}" for i, t in enumerate(model.to_str_tokens(data[0]))]
+        if answer is None or (target == "logit_diff" and wrong is None):
+            raise ValueError(f"target={target!r} on raw tokens needs answer=" + (" and wrong=" if target == "logit_diff" else "") + " token ids.")
+    if target not in ("logit_diff", "logit"):
+        raise ValueError(f"target must be 'logit_diff' or 'logit', got {target!r}.")
+    n, n_pos = tokens.shape
+    ids = {k: torch.as_tensor(v).expand(n).long().cpu() if v is not None else None for k, v in (("answer", answer), ("wrong", wrong))}
+    if target == "logit":
+        ids["wrong"] = None
+    for k, v in ids.items():
+        if v is not None and ((v < 0) | (v >= model.cfg.d_vocab)).any():
+            raise ValueError(f"{k} ids must lie in 0..{model.cfg.d_vocab - 1}, got {v.tolist()}.")
+    if not isinstance(query_pos, int) or not -n_pos <= query_pos < n_pos:
+        raise ValueError(f"query_pos {query_pos!r} is beyond the prompt: it has {n_pos} tokens.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    mask = _key_mask(key_pos, n, n_pos)
+    share = 0.5 if rules and variant == "attnlrp" else 1.0  # A's half of A.V (uniform rule)
+    parts = []
+    starts = range(0, n, batch_size)
+    with timer() as t:
+        for s in tqdm(starts, desc="attnlrp", disable=not progress or len(starts) == 1):
+            sl = slice(s, s + batch_size)
+            dev = lambda x: x[sl].to(model.cfg.device) if x is not None else None  # noqa: E731
+            parts.append(_one_pass(
+                model, tokens[sl].to(model.cfg.device), dev(ids["answer"]), dev(ids["wrong"]),
+                names=names, heads="heads" in wanted, query_pos=query_pos,
+                mask=mask[sl] if mask is not None else None, positive=positive, share=share,
+                variant=variant, uniform=uniform, rules=rules,
+            ))
+    f, r_input, r_sites, r_heads = (torch.cat(p) for p in zip(*parts))
+    method = ("attnlrp" if variant == "attnlrp" else "cp-lrp") if rules else "grad_x_input"
+    meta = {"target": f, "variant": variant, "rules": rules, "query_pos": query_pos, "positive": positive}
+    common = dict(method=method, metric=target, seconds=t["seconds"], meta=meta)
+    made = {
+        "input": (r_input, ("pos",), {"pos": labels}),
+        "sites": (r_sites, ("site", "layer", "pos"), {"pos": labels, "site": names}),
+        "heads": (r_heads, ("layer", "head"), {}),
+    }
+    results = {
+        k: AttributionResult(scores=v.mean(0), axes=ax, labels=lab, per_prompt=v if per_prompt else None, **common)
+        for k, (v, ax, lab) in made.items() if k in wanted
+    }
+    return results[wanted[0]] if isinstance(readout, str) else results
