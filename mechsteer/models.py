@@ -111,7 +111,7 @@ def load_model(
                 "device_map= / n_devices=."
             )
         return bridge_hf(
-            embedded.name, hf, tokenizer, device=device, default_prepend_bos=embedded.default_prepend_bos
+            embedded.bridge_name or embedded.name, hf, tokenizer, device=device, default_prepend_bos=embedded.default_prepend_bos
         )
 
     from transformer_lens.model_bridge import TransformerBridge

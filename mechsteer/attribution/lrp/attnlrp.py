@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from jaxtyping import Int
@@ -136,6 +136,16 @@ def _key_mask(key_pos, n: int, n_pos: int) -> Tensor | None:
     return mask
 
 
+def _ids(v, n: int, model, name: str) -> Tensor | None:
+    if v is None:
+        return None
+    v = torch.as_tensor(v).long().cpu()
+    v = v.expand(n) if v.ndim == 0 else v
+    if v.shape != (n,) or ((v < 0) | (v >= model.cfg.d_vocab)).any():
+        raise ValueError(f"{name} must be {n} token ids in 0..{model.cfg.d_vocab - 1}, got {v.tolist()}.")
+    return v
+
+
 def _one_pass(model, tokens, answer, wrong, *, names, heads, query_pos, mask, positive, share, **rule_kw):
     """One forward + one backward: target (B,), R_input (B,T), R_sites (B,S,L,T), R_heads (B,L,H)."""
     B, n_pos = tokens.shape
@@ -185,17 +195,17 @@ def attnlrp(
     model,
     data: ContrastiveDataset | Int[Tensor, "batch pos"],
     *,
-    target: Literal["logit_diff", "logit"] | None = None,
+    target: str | None = None,
     answer: Int[Tensor, " batch"] | int | None = None,
     wrong: Int[Tensor, " batch"] | int | None = None,
-    variant: Literal["attnlrp", "cp"] = "attnlrp",
+    variant: str = "attnlrp",
     readout: str | Sequence[str] = READOUTS,
     sites: Sequence[str] = DEFAULT_SITES,
     query_pos: int = -1,
-    key_pos: Sequence[int] | Sequence[Sequence[int]] | None = None,
+    key_pos: Sequence | None = None,
     positive: bool = False,
     rules: bool = True,
-    uniform: Literal["qk", "pattern"] = "qk",
+    uniform: str = "qk",
     per_prompt: bool = False,
     batch_size: int = 32,
     progress: bool = True,
@@ -234,12 +244,9 @@ def attnlrp(
     if target not in ("logit_diff", "logit"):
         raise ValueError(f"target must be 'logit_diff' or 'logit', got {target!r}.")
     n, n_pos = tokens.shape
-    ids = {k: torch.as_tensor(v).expand(n).long().cpu() if v is not None else None for k, v in (("answer", answer), ("wrong", wrong))}
+    ids = {"answer": _ids(answer, n, model, "answer"), "wrong": _ids(wrong, n, model, "wrong")}
     if target == "logit":
         ids["wrong"] = None
-    for k, v in ids.items():
-        if v is not None and ((v < 0) | (v >= model.cfg.d_vocab)).any():
-            raise ValueError(f"{k} ids must lie in 0..{model.cfg.d_vocab - 1}, got {v.tolist()}.")
     if not isinstance(query_pos, int) or not -n_pos <= query_pos < n_pos:
         raise ValueError(f"query_pos {query_pos!r} is beyond the prompt: it has {n_pos} tokens.")
     if batch_size < 1:
