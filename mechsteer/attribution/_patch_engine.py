@@ -1,34 +1,40 @@
-"""The engine behind ``activation_patching``: cache, batch the patched runs, skip layers.
+"""The engine behind ``activation_patching``: cache once, batch the patched runs, and
+recompute only the layers and positions a patch can change.
 
 Why mechsteer has its own engine instead of calling ``transformer_lens.patching``: TL runs
-one full forward pass of the whole batch per cell (layer x head x position), so patching
-every head of a 30-layer model by position costs thousands of forwards, each starting from
-the embedding and unembedding every position. Three things make this engine faster while
-giving the same numbers:
+one full forward pass of the whole batch per cell (layer x head x position), each from the
+embedding to the unembedding of every position, so patching every head of a 30-layer
+model by position costs thousands of full forwards. This engine gives the same numbers
+(to float precision; the tests compare) with far less work:
 
-1. **Cache only what is needed.** One pass caches the source run's activations at the
-   patched site (``names_filter``-style, through ``hooked``), one pass caches the residual
-   entering every block of the run being patched. Nothing else is stored.
-2. **Batch the patched runs.** For one layer, the rows of a forward are (cell, prompt)
-   pairs: row ``r`` is prompt ``r % B`` with cell ``r // B`` patched. One hook patches, per
-   row, that row's cell by index arithmetic on the batch axis. Rows are chunked so one
-   forward fits a memory budget (``batch_rows``).
-3. **Start at the patched layer.** A patch at layer l cannot change layers below l, so
-   each patched run starts from the cached residual entering block l
-   (``model(resid, start_at_layer=l)``). On the TransformerLens 4 bridge that call gives
-   the right numbers but still *executes* blocks 0..l-1 and discards their output, so
-   ``skip_blocks_below`` swaps those blocks for a pass-through for the duration of the
-   call. ``skipping_works`` checks once per sweep that this leaves the logits unchanged;
-   if not, the engine warns and runs the lower blocks (same numbers, slower).
+1. **Cache only what is needed**: the source run's activations at the patched site, and
+   the residual entering every block, the site's values and the KV cache of the run being
+   patched (``cache_run`` through ``hooked``; nothing else is stored).
+2. **Batch the patched runs**: for one layer, the rows of a forward are (cell, prompt)
+   pairs: row ``r`` is prompt ``r % B`` with cell ``r // B`` patched, by index arithmetic
+   in one hook. Rows are chunked to a memory budget (``batch_rows``).
+3. **Start at the patched layer**: a patch at layer l cannot change layers below l, so a
+   run starts from the cached residual entering block l (``start_at_layer=l``). On the
+   TransformerLens 4 bridge that call still *executes* blocks 0..l-1 and discards their
+   output, so ``skip_blocks_below`` swaps them for a pass-through during the call.
+4. **Start at the first changed position**: in a causal model, positions before the
+   first one where the patched activation differs from the run's own are unchanged at
+   every layer. The run feeds only the suffix, with the run's own keys and values of the
+   prefix as a Hugging Face KV cache (``PrefixKV``). A cell whose patch changes nothing
+   (e.g. a position before the clean and corrupted prompts first differ) is not run: its
+   value is the unpatched run's.
 
-With the default metric only the last position's logits are computed
-(``logits_to_keep=1``, a Hugging Face forward argument), which skips most of the
-unembedding.
+``skipping_works`` and ``PrefixKV.works`` check on one prompt that (3) and (4) leave the
+logits unchanged on this model; if not, the engine falls back (warning), same numbers,
+slower. With the default metric only the last position's logits are computed
+(``logits_to_keep=1``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -41,9 +47,8 @@ from tqdm.auto import tqdm
 from mechsteer.sites import hook_name, hooked
 
 # Memory one patched forward may use when batch_size is not given (CPU; on CUDA a quarter
-# of the free memory). Bigger chunks amortise per-forward overhead; past a few hundred
-# rows the gain on CPU is small.
-CPU_BUDGET_BYTES = 512 * 2**20
+# of the free memory). On CPU, rows beyond a few hundred tokens' worth gain little.
+CPU_BUDGET_BYTES = 128 * 2**20
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,21 @@ class Grid:
 
     @property
     def n_cells(self) -> int:
-        return int(torch.tensor(self.shape).prod().item()) if self.shape else 1
+        return math.prod(self.shape)
+
+    def first_changed(self, source: Tensor, base: Tensor) -> Tensor:
+        """``(n_cells,)``: the first position where a cell's patch changes the activation for
+        some prompt; ``n_pos`` where it changes nothing."""
+        n_pos = source.shape[1]
+        neq = (source != base).flatten(3) if source.ndim > 3 else (source != base)[..., None, :]  # (B, T, H|1, d)
+        changed = neq.any(-1).any(0)  # (T, H|1)
+        if self.pos is not None:  # one position per cell: it alone can change
+            pos = self.pos.to(changed.device)
+            at = changed.any(1)[pos] if self.head is None else changed[pos, self.head.to(changed.device)]
+            return torch.where(at, pos, n_pos)
+        per = changed if self.head is not None else changed.any(1, keepdim=True)  # (T, H|1)
+        first = torch.where(per.any(0), per.float().argmax(0), n_pos)  # argmax: first True
+        return first if self.head is not None else first.reshape(1)
 
 
 def make_grid(site: str, per_position: bool, n_pos: int, n_heads: int) -> Grid:
@@ -74,7 +93,7 @@ def make_grid(site: str, per_position: bool, n_pos: int, n_heads: int) -> Grid:
     return Grid(None, None, ())
 
 
-def cache_run(model, tokens: Tensor, names: list[str], **forward_kwargs) -> tuple[Tensor, dict[str, Tensor]]:
+def cache_run(model, tokens: Tensor, names: list[str], **forward_kwargs):
     """One forward of ``tokens`` storing the activations at ``names`` (and only those)."""
     store: dict[str, Tensor] = {}
 
@@ -85,13 +104,12 @@ def cache_run(model, tokens: Tensor, names: list[str], **forward_kwargs) -> tupl
         return fn
 
     with hooked(model, [(n, saver(n)) for n in names]):
-        logits = model(tokens, **forward_kwargs)
-    return logits, store
+        out = model(tokens, **forward_kwargs)
+    return out, store
 
 
+# ---- (3) start at the patched layer ---------------------------------------------------
 def _passthrough(fmt: tuple[str, int]) -> Callable:
-    """A block forward that returns its input residual in the block's own output format."""
-
     def forward(*args, **kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         return hidden if fmt[0] == "tensor" else (hidden,) + (None,) * (fmt[1] - 1)
@@ -101,35 +119,35 @@ def _passthrough(fmt: tuple[str, int]) -> Callable:
 
 @contextlib.contextmanager
 def skip_blocks_below(model, layer: int, fmt: tuple[str, int] | None) -> Iterator[None]:
-    """Within the block, blocks ``0..layer-1`` return their input unchanged (restored on exit).
-
-    For runs with ``start_at_layer=layer`` only: block ``layer`` replaces its input with the
-    caller's residual, so what the skipped blocks return is discarded anyway.
-    """
+    """Blocks ``0..layer-1`` return their input unchanged inside the ``with`` (restored on
+    exit). Only for ``start_at_layer=layer`` runs, whose block ``layer`` discards that input.
+    ``fmt`` is the blocks' output structure (``skipping_works``); None skips nothing."""
     if fmt is None or layer == 0:
         yield
         return
+    # Written to the instance __dict__ (shadowing the class's forward), never by setattr:
+    # bridge components forward setattr to the wrapped Hugging Face module.
     blocks = list(model.blocks)[:layer]
     saved = [b.__dict__.get("forward") for b in blocks]
     try:
         for b in blocks:
-            b.forward = _passthrough(fmt)  # instance attribute shadows the class method
+            b.__dict__["forward"] = _passthrough(fmt)
         yield
     finally:
         for b, old in zip(blocks, saved):
             if old is None:
                 b.__dict__.pop("forward", None)
             else:
-                b.forward = old
+                b.__dict__["forward"] = old
 
 
 @torch.no_grad()
 def skipping_works(model, resid: Float[Tensor, "batch pos d_model"], layer: int) -> tuple[str, int] | None:
-    """The blocks' output format if skipping the blocks below ``layer`` leaves the logits
-    of ``model(resid, start_at_layer=layer)`` unchanged, else None (with a warning)."""
+    """The blocks' output structure if skipping the blocks below ``layer`` leaves
+    ``model(resid, start_at_layer=layer)`` unchanged, else None (with a warning)."""
     seen: list = []
     handle = model.blocks[0].register_forward_hook(lambda mod, args, out: seen.append(out))
-    try:  # a plain torch hook that only reads the output's structure, never the values
+    try:  # a plain torch hook that reads the output's structure, never its values
         reference = model(resid, start_at_layer=layer)
     finally:
         handle.remove()
@@ -140,12 +158,57 @@ def skipping_works(model, resid: Float[Tensor, "batch pos d_model"], layer: int)
             skipped = model(resid, start_at_layer=layer)
         if skipped.shape == reference.shape and torch.allclose(skipped, reference, atol=1e-5, rtol=0):
             return fmt
-    warnings.warn(
-        "activation_patching: skipping the blocks below the patched layer changed the logits on "
-        "this model, so every patched run executes all blocks (same numbers, slower).",
-        stacklevel=3,
-    )
+    warnings.warn("activation_patching: skipping the blocks below the patched layer changed the logits "
+                  "on this model; every patched run executes all blocks (same numbers, slower).", stacklevel=3)
     return None
+
+
+# ---- (4) start at the first changed position -----------------------------------------
+class PrefixKV:
+    """The patched run's own keys and values, served as a KV cache for a prefix of it."""
+
+    def __init__(self, past_key_values) -> None:
+        self.past = past_key_values
+
+    @staticmethod
+    def supported(past_key_values, n_prompts: int, n_pos: int) -> bool:
+        """A Hugging Face cache of full-attention layers only (a sliding-window layer keeps
+        only recent positions, so a prefix of it is not the prompt's prefix)."""
+        layers = getattr(past_key_values, "layers", None)
+        return bool(layers) and all(
+            type(layer).__name__ == "DynamicLayer" and getattr(layer, "keys", None) is not None
+            and tuple(layer.keys.shape[:1]) + tuple(layer.keys.shape[2:3]) == (n_prompts, n_pos)
+            for layer in layers
+        )
+
+    def cache(self, prompts: Tensor, start: int, layer: int):
+        """A cache holding positions ``0..start-1`` of ``prompts`` (one row each); layers
+        below ``layer`` are skipped, so they get cheap placeholders of the right length."""
+        c = copy.copy(self.past)
+        c.layers = [copy.copy(entry) for entry in self.past.layers]
+        for i, entry in enumerate(c.layers):
+            if i < layer:
+                entry.keys = entry.keys[:1, :, :start].expand(len(prompts), -1, -1, -1)
+                entry.values = entry.values[:1, :, :start].expand(len(prompts), -1, -1, -1)
+            else:
+                entry.keys, entry.values = entry.keys[prompts, :, :start], entry.values[prompts, :, :start]
+        return c
+
+    @torch.no_grad()
+    def works(self, model, resid: Tensor, logits: Tensor, fmt) -> bool:
+        """Resuming prompt 0 from the last block at mid-prompt gives its logits."""
+        layer, start = model.cfg.n_layers - 1, resid.shape[1] // 2
+        if start == 0:  # one-token prompts: no prefix to reuse
+            return True
+        prompts = torch.zeros(1, dtype=torch.long, device=resid.device)
+        with skip_blocks_below(model, layer, fmt):
+            out = model(resid[:1, start:], start_at_layer=layer, past_key_values=self.cache(prompts, start, layer))
+        if out.shape[1:] == logits[:1, start:].shape[1:] and torch.allclose(out, logits[:1, start:], atol=1e-4, rtol=0):
+            return True
+        warnings.warn("activation_patching: reusing the keys and values of unchanged positions changed the "
+                      "logits on this model; every patched run recomputes all positions (same numbers, slower).",
+                      stacklevel=3)
+        return False
 
 
 def batch_rows(model, n_pos: int, n_prompts: int, keep_logits: int, batch_size: int | None) -> int:
@@ -164,48 +227,54 @@ def batch_rows(model, n_pos: int, n_prompts: int, keep_logits: int, batch_size: 
     return max(1, batch_size // n_prompts) * n_prompts
 
 
+def plan(first: Tensor, n_pos: int) -> list[tuple[int, Tensor]]:
+    """Group the cells that change something by the position their runs start at."""
+    return [(int(s), (first == s).nonzero().squeeze(1)) for s in first.unique() if s < n_pos]
+
+
 @torch.no_grad()
 def sweep(
-    model,
-    *,
-    site: str,
-    grid: Grid,
-    base_resid: dict[int, Tensor],
-    source: dict[int, Tensor],
-    evaluate: Callable[[Tensor], Tensor],
-    n_prompts: int,
-    rows_per_forward: int,
-    skip_fmt: tuple[str, int] | None,
-    forward_kwargs: dict,
-    bar: tqdm,
+    model, *, site: str, grid: Grid, groups: dict[int, list[tuple[int, Tensor]]], base_resid: dict[int, Tensor],
+    source: dict[int, Tensor], unpatched: Tensor, base_logits: Tensor | None, prefix: PrefixKV | None,
+    evaluate: Callable[[Tensor], Tensor], n_prompts: int, rows_per_forward: int, skip_fmt: tuple[str, int] | None,
+    forward_kwargs: dict, bar: tqdm,
 ) -> Tensor:
     """Patched metric values for every layer and cell: ``(n_layers, n_cells, ...)``.
 
-    ``base_resid[l]`` is the residual entering block l of the run being patched,
-    ``source[l]`` the source run's activation at ``site``; ``evaluate`` maps the logits of
-    whole cells (``(k * n_prompts, ...)``) to ``(k, ...)`` values.
+    ``groups[l]``: (start position, cells) to run at layer l (others keep ``unpatched``);
+    ``base_resid[l]``: the residual entering block l of the run being patched;
+    ``source[l]``: the source run's activation at ``site``; ``base_logits``: that run's
+    logits, prepended to a suffix run's when the metric needs every position.
     """
-    B, n_cells = n_prompts, grid.n_cells
-    out = []
+    B, out = n_prompts, []
     for layer in sorted(base_resid):
-        name, src, start = hook_name(site, layer), source[layer], base_resid[layer]
-        values = []
-        for r0 in range(0, n_cells * B, rows_per_forward):
-            rows = torch.arange(r0, min(r0 + rows_per_forward, n_cells * B), device=start.device)
-            cells, prompts = rows // B, rows % B  # row r = prompt r % B with cell r // B patched
-            index: list = [slice(None)]  # rows axis of the patched run, filled in the hook
-            index.append(slice(None) if grid.pos is None else grid.pos.to(rows.device)[cells])
-            if grid.head is not None:
-                index.append(grid.head.to(rows.device)[cells])
+        name, resid = hook_name(site, layer), base_resid[layer]
+        values = unpatched.expand(grid.n_cells, *unpatched.shape[1:]).clone()
+        for start, cells_run in groups[layer]:
+            src = source[layer][:, start:]  # positions from `start` on: the run's length
+            for r0 in range(0, len(cells_run) * B, rows_per_forward):
+                rows = torch.arange(r0, min(r0 + rows_per_forward, len(cells_run) * B), device=resid.device)
+                cells, prompts = cells_run.to(rows.device)[rows // B], rows % B  # row r: prompt r % B, cell r // B
+                index: list = [torch.arange(len(rows), device=rows.device)]  # (R,) rows of this forward
+                index.append(slice(None) if grid.pos is None else grid.pos.to(rows.device)[cells] - start)
+                if grid.head is not None:
+                    index.append(grid.head.to(rows.device)[cells])
 
-            def patch(act, hook, index=index, prompts=prompts, src=src):
-                act = act.clone()
-                act[tuple(index)] = src[(prompts, *index[1:])]  # each row gets its own cell
-                return act
+                def patch(act, hook, index=index, prompts=prompts, src=src):
+                    # In place, as TransformerLens does: on the bridge hook_resid_mid is ln2's
+                    # input hook and the skip connection holds the same tensor, so only an
+                    # in-place write patches the residual stream (a copy reaches the MLP alone).
+                    act[tuple(index)] = src[(prompts, *index[1:])]  # each row gets its own cell
+                    return act
 
-            with skip_blocks_below(model, layer, skip_fmt), hooked(model, [(name, patch)]):
-                logits = model(start[prompts], start_at_layer=layer, **forward_kwargs)
-            values.append(evaluate(logits))
-            bar.update(1)
-        out.append(torch.cat(values))
+                kwargs = dict(forward_kwargs)
+                if start > 0:
+                    kwargs["past_key_values"] = prefix.cache(prompts, start, layer)
+                with skip_blocks_below(model, layer, skip_fmt), hooked(model, [(name, patch)]):
+                    logits = model(resid[prompts, start:], start_at_layer=layer, **kwargs)
+                if base_logits is not None and start > 0:
+                    logits = torch.cat([base_logits[prompts, :start], logits], dim=1)
+                values[cells_run[r0 // B : r0 // B + len(rows) // B]] = evaluate(logits).to(values.dtype)
+                bar.update(1)
+        out.append(values)
     return torch.stack(out)
