@@ -40,7 +40,7 @@ hook (``x + delta``), so no model parameter needs ``requires_grad``.
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 from jaxtyping import Float
@@ -60,7 +60,7 @@ from mechsteer.sites import hook_name, hooked
 from mechsteer.tasks.base import ContrastiveDataset
 
 ATP_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z")
-Direction = Literal["noising", "denoising"]
+DIRECTIONS = ("noising", "denoising")
 
 
 def _metric_values(logits: Tensor, ds: ContrastiveDataset, metric: Metric | None) -> tuple[Tensor, Tensor]:
@@ -126,7 +126,7 @@ def attribution_patching_all(
     ds: ContrastiveDataset,
     *,
     sites: Sequence[str] | str = ("resid_pre", "attn_out", "mlp_out", "z"),
-    direction: Direction = "noising",
+    direction: str = "noising",  # "noising" | "denoising" (str, so a typo gets our ValueError)
     metric: Metric | None = None,
     per_prompt: bool = False,
 ) -> dict[str, AttributionResult]:
@@ -136,9 +136,10 @@ def attribution_patching_all(
     grad_corr m . (a_clean - a_corr) / (m_clean - m_corr) (denoising); see the module
     docstring. ``metric(logits, ds) -> scalar`` replaces the mean logit difference;
     ``per_prompt=True`` (default metric only) also keeps each prompt's score, normalised
-    by that prompt's own clean-minus-corrupted logit difference (``scores`` always uses
-    the mean metric, so it is not ``per_prompt.mean(0)``). Every result's ``seconds`` is
-    the time of the shared run.
+    by that prompt's own clean-minus-corrupted logit difference (``scores`` normalises the
+    mean metric: it is the mean of ``per_prompt`` weighted by each prompt's gap, not the
+    plain mean), as activation patching does. Every result's ``seconds`` is the time of
+    the shared run; ``meta`` holds the direction and the clean and corrupted metric values.
 
     >>> from mechsteer.tiny import tiny_model
     >>> from mechsteer.tasks import ioi
@@ -151,7 +152,7 @@ def attribution_patching_all(
     sites = check_sites(sites, ATP_SITES)
     if not sites:
         raise ValueError(f"Pass at least one site; supported: {list(ATP_SITES)}.")
-    if direction not in ("noising", "denoising"):
+    if direction not in DIRECTIONS:
         raise ValueError(f"direction must be 'noising' or 'denoising', got {direction!r}.")
     if metric is not None and not callable(metric):
         raise TypeError(f"metric must be a callable metric(logits, ds) -> scalar or None, got {type(metric).__name__}.")
@@ -169,10 +170,11 @@ def attribution_patching_all(
         acts_other, m_other = _cache_pass(model, other, flat, ds, metric)
         m_clean, m_corr = (m_base, m_other) if direction == "noising" else (m_other, m_base)
         sign = -1.0 if direction == "noising" else 1.0
-        out: dict[str, AttributionResult] = {}
+        out: dict[str, tuple[Tensor, Tensor | None]] = {}
         for s in sites:
             # first-order change of the (per-prompt or custom) metric, per prompt and cell
-            raw = torch.stack([_dot(grads[n], acts_other[n] - acts[n]) for n in names[s]], 1)  # (B, L, pos) | (B, L, H, pos)
+            # (B, L, pos), or (B, L, H, pos) for z
+            raw = torch.stack([_dot(grads[n], acts_other[n] - acts[n]) for n in names[s]], 1)
             if metric is None:
                 total = raw.mean(0)  # d(mean metric) = mean of per-prompt changes
                 scores = sign * total / _gap(m_clean.mean(), m_corr.mean(), "mean logit differences")
@@ -218,7 +220,7 @@ def attribution_patching(
     ds: ContrastiveDataset,
     *,
     site: str = "attn_out",
-    direction: Direction = "noising",
+    direction: str = "noising",
     metric: Metric | None = None,
     per_prompt: bool = False,
 ) -> AttributionResult:

@@ -1,0 +1,119 @@
+"""Cost of attribution patching (AtP) and direct logit attribution (DLA), in forward passes.
+
+On an IOI batch (``mechsteer.tasks.ioi(model, n=--n)``), after a warm-up, ``--reps``
+wall times (``time.perf_counter``, the cases interleaved in each repetition) of each case,
+divided by the time of one plain forward of the same batch (``plain_forward_seconds``,
+called in the same round-robin). ``forward_equivalents`` divides the fastest repetition
+by the fastest plain forward (on a shared machine other jobs only ever add time, so the
+minimum is the estimate least disturbed by them); ``forward_equivalents_median`` divides
+the medians. Cases:
+
+- ``atp_all``: ``attribution_patching_all`` for resid_pre, attn_out, mlp_out and z
+  (one forward+backward on the clean prompts, one forward on the corrupted ones);
+- ``atp_<site>``: ``attribution_patching`` for one site;
+- ``dla_<site>``: ``direct_logit_attribution`` for z, attn_out and mlp_out;
+- ``dla_terms``: the full term table (a pandas DataFrame).
+
+    python benchmarks/bench_atp_dla.py [--model tiny|smollm2] [--n 16] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import mechsteer
+from mechsteer.attribution._common import plain_forward_seconds
+from mechsteer.attribution.atp import attribution_patching, attribution_patching_all
+from mechsteer.attribution.dla import direct_logit_attribution, dla_terms
+from mechsteer.tasks import ioi
+
+SITES = ("resid_pre", "attn_out", "mlp_out", "z")
+
+
+def time_cases(cases: dict, reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Warm up each case, then time them round-robin (so drift hits all cases alike).
+    A case that returns a float reports its own time (``plain_forward_seconds``)."""
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(reps):
+        for name, fn in cases.items():
+            t = time.perf_counter()
+            own = fn()
+            times[name].append(own if isinstance(own, float) else time.perf_counter() - t)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2",
+                    help="embedded SmolLM2-135M (default) or the tiny random llama for a quick check")
+    ap.add_argument("--n", type=int, default=16, help="IOI prompts in the batch")
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions per case (median reported)")
+    ap.add_argument("--out", default="benchmarks/results/atp_dla.json", help="JSON results path")
+    args = ap.parse_args()
+
+    if args.model == "tiny":
+        from mechsteer.tiny import tiny_model
+
+        model = tiny_model("llama")
+    else:
+        model = mechsteer.load_model()
+    ds = ioi(model, n=args.n)
+
+    cases = {"plain": lambda: plain_forward_seconds(model, ds.tokens, repeats=1)}
+    cases["atp_all"] = lambda: attribution_patching_all(model, ds, sites=SITES)
+    for site in SITES:
+        cases[f"atp_{site}"] = lambda site=site: attribution_patching(model, ds, site=site)
+    for site in ("z", "attn_out", "mlp_out"):
+        cases[f"dla_{site}"] = lambda site=site: direct_logit_attribution(model, ds, site=site)
+    cases["dla_terms"] = lambda: dla_terms(model, ds)
+    times = time_cases(cases, args.reps)
+    plain, plain_median = min(times["plain"]), statistics.median(times["plain"])  # one no-grad forward
+    rows = {
+        name: {"min_s": min(t), "median_s": statistics.median(t), "times_s": t}
+        for name, t in times.items()
+        if name != "plain"
+    }
+    for r in rows.values():
+        r["forward_equivalents"] = r["min_s"] / plain
+        r["forward_equivalents_median"] = r["median_s"] / plain_median
+
+    print(f"model={model.cfg.model_name} tokens={tuple(ds.tokens.shape)} reps={args.reps} "
+          f"plain={plain * 1e3:.1f} ms (median {plain_median * 1e3:.1f} ms)")
+    print(f"{'case':<14}{'min ms':>9}{'fwd-equiv':>11}{'median ms':>11}{'(median)':>10}")
+    for name, r in rows.items():
+        print(f"{name:<14}{r['min_s'] * 1e3:>9.1f}{r['forward_equivalents']:>11.2f}"
+              f"{r['median_s'] * 1e3:>11.1f}{r['forward_equivalents_median']:>10.2f}")
+
+    result = {
+        "benchmark": "atp_dla",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": model.cfg.model_name,
+        "tokens_shape": list(ds.tokens.shape),
+        "reps": args.reps,
+        "plain_forward_s": plain,
+        "plain_forward_median_s": plain_median,
+        "plain_forward_times_s": times["plain"],
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                    "loadavg_1m_at_end": os.getloadavg()[0]},
+        "results": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

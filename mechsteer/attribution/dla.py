@@ -1,0 +1,288 @@
+"""Direct logit attribution (DLA): each component's share of the last-position logits.
+
+The residual stream at the last position is a sum of what every component wrote there:
+x = embed (+ pos_embed) + sum_l (attn_l + mlp_l), and attn_l = sum_h z_h W_O[h] + b_O.
+The final norm divides x by one scale s per prompt (``ln_final.hook_scale``; with
+``fold_ln`` the norm's weight lives in W_U, and LayerNorm also subtracts the mean), and
+the unembedding is linear. Freezing s at its value in the run (Elhage et al. 2021):
+
+    f_c - f_w = sum_c (x_c / s) . (W_U[:, c] - W_U[:, w]) + (b_U[c] - b_U[w])
+
+so every component c gets the exact, additive score (x_c / s) . (W_U[:, c] - W_U[:, w])
+(x_c mean-centred first on LayerNorm models). Components are never re-normalised one by
+one: the cached s is the one the real run used, which is what makes the terms add up.
+
+Sites of ``direct_logit_attribution``:
+
+- ``"z"``: one score per head, axes ``("layer", "head")``: head output z_h W_O[h] at the
+  last position (b_O, which belongs to no head, is its own term in ``dla_terms``).
+- ``"attn_out"``: axes ``("layer", "pos")`` where pos is the *source* position k that
+  the last position attends to: sum_h A_h[last, k] v_{k,h} W_O[h]. Summed over pos it is
+  the layer's attention output at the last position minus b_O.
+- ``"mlp_out"``: axes ``("layer", "pos")``, the MLP output at each position. An MLP acts
+  on one position, so only the last position's MLP writes into the last residual stream:
+  every other column is exactly 0 (kept so the grid stacks with ``attn_out``).
+
+``dla_terms`` lists every term (embedding, each head, each b_O, each MLP, the unembedding
+bias), which add up to the logit difference of each prompt; all functions check that they
+do, so an architecture this decomposition does not describe raises instead of returning
+numbers that do not add up.
+
+DLA measures only the *direct* path through the unembedding: a head that matters by
+moving information for later layers can score 0. It needs no corrupted prompt.
+
+Models with post-sublayer norms (Gemma-2/3: ``ln1_post``/``ln2_post`` normalise each
+attention and MLP output before it is added to the residual stream): a head's output
+passes RMSNorm together with the other heads', so its direct contribution is not linear
+in its own output. mechsteer freezes that norm's scale too, as it does the final norm's:
+a head's term is (w ⊙ z_h W_O[h] / s_post) / s . (W_U[:, c] - W_U[:, w]), w the norm's
+(offset) weight, s_post its cached scale at the last position. These terms still add up
+exactly, but read them as "share of the post-norm attention output", not as the effect
+of the head alone. MLP terms use the normalised output that enters the residual stream.
+Such models are recognised by their ``blocks.{l}.ln1_post`` hooks (TransformerLens 4.3's
+Gemma-3 bridge leaves ``cfg.use_normalization_before_and_after`` False); results carry
+``meta["post_norm"]``. TransformerLens' own per-head DLA skips the post norm there, so
+its head terms do not add up to its attention terms. Models that soft-cap their logits
+are refused.
+
+``metric="logit"`` explains the correct answer's logit f_c alone (direction W_U[:, c]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechsteer.attribution._common import check_dataset, timer
+from mechsteer.attribution.result import AttributionResult
+from mechsteer.metrics import logit_diff
+from mechsteer.sites import hooked
+from mechsteer.tasks.base import ContrastiveDataset
+
+DLA_SITES = ("z", "attn_out", "mlp_out")
+DLA_METRICS = ("logit_diff", "logit")
+POST_NORM_HOOK = "blocks.{layer}.ln1_post.hook_scale"  # Gemma-2/3 style post-attention norm
+
+
+@dataclass
+class DLARun:
+    """What one forward pass leaves for DLA, all at the last position (B prompts, L
+    layers, H query heads, K positions, e = d_head). Direct terms are in logits."""
+
+    z: Tensor  # (B, L, H, e) head values before W_O
+    head_readout: Tensor  # (B, L, H, e) u_h = W_O[h] (g ⊙ r): z_h . u_h is head h's term
+    mlp: Tensor  # (B, L) MLP terms
+    attn_bias: Tensor  # (B, L) b_O terms (0 without b_O)
+    embed: Tensor  # (B,)
+    pos_embed: Tensor | None  # (B,) learned positions only
+    unembed_bias: Tensor  # (B,) b_U[c] - b_U[w] (or b_U[c])
+    metric: Tensor  # (B,) the model's own f_c - f_w (or f_c)
+    post_norm: bool
+    pattern: Tensor | None = None  # (B, L, H, K) A[last, k]
+    v: Tensor | None = None  # (B, L, K, H, e) values, repeated to query heads on GQA models
+
+
+def _check(model, ds: ContrastiveDataset, metric: str) -> None:
+    check_dataset(ds)
+    if metric not in DLA_METRICS:
+        raise ValueError(f"metric must be one of {list(DLA_METRICS)} for DLA, got {metric!r}.")
+    cfg = model.cfg
+    if (getattr(cfg, "output_logits_soft_cap", 0) or 0) > 0:
+        raise ValueError(
+            f"This model soft-caps its logits (output_logits_soft_cap={cfg.output_logits_soft_cap}): "
+            "logits are not linear in the residual stream, so DLA terms cannot add up to them."
+        )
+    post = POST_NORM_HOOK.format(layer=0) in model.hook_dict
+    if getattr(cfg, "use_normalization_before_and_after", False) and not post:
+        raise ValueError("This model normalises sublayer outputs, but exposes no ln1_post hooks; DLA cannot read them.")
+    if post and cfg.normalization_type not in ("RMS", "RMSPre"):
+        raise ValueError(
+            f"DLA supports post-sublayer norms of RMSNorm type only; this model uses {cfg.normalization_type}."
+        )
+
+
+def _last(x: Tensor) -> Tensor:
+    return x[:, -1]
+
+
+def _run_dla(model, ds: ContrastiveDataset, metric: str, *, sources: bool) -> DLARun:
+    """One forward pass caching only the last position's component outputs (plus the
+    last query row of every attention pattern and the values when ``sources``)."""
+    cfg, L = model.cfg, model.cfg.n_layers
+    ds = ds.to(cfg.device)
+    post = POST_NORM_HOOK.format(layer=0) in model.hook_dict
+    want = {"hook_embed": _last, "ln_final.hook_scale": _last}
+    if cfg.positional_embedding_type == "standard":
+        want["hook_pos_embed"] = _last
+    for layer in range(L):
+        want[f"blocks.{layer}.attn.hook_z"] = _last
+        want[f"blocks.{layer}.hook_mlp_out"] = _last
+        if post:
+            want[POST_NORM_HOOK.format(layer=layer)] = _last
+        if sources:
+            want[f"blocks.{layer}.attn.hook_pattern"] = lambda x: x[:, :, -1]  # (B, H, K)
+            want[f"blocks.{layer}.attn.hook_v"] = lambda x: x
+    cache: dict[str, Tensor] = {}
+
+    def store(name: str):
+        def fn(x: Tensor, hook) -> None:
+            cache[name] = want[name](x).detach()
+
+        return fn
+
+    with torch.no_grad(), hooked(model, [(n, store(n)) for n in want]):
+        logits = model(ds.tokens)
+    dt = torch.promote_types(logits.dtype, torch.float32)  # dot products in >= float32
+    f = lambda name: cache[name].to(dt)  # noqa: E731
+    W_U, b_U = model.W_U.to(dt), model.b_U
+    direction = W_U[:, ds.correct].T  # (B, d_model)
+    if metric == "logit_diff":
+        direction = direction - W_U[:, ds.wrong].T
+        actual = logit_diff(logits, ds.correct, ds.wrong, reduce="none")
+        ub = b_U[ds.correct] - b_U[ds.wrong] if b_U is not None else None
+    else:
+        actual = logits[:, -1].gather(1, ds.correct[:, None])[:, 0]
+        ub = b_U[ds.correct] if b_U is not None else None
+    if cfg.normalization_type in ("LN", "LNPre"):  # LayerNorm centres x: (x - mean x) . d = x . (d - mean d)
+        direction = direction - direction.mean(-1, keepdim=True)
+    r = direction / f("ln_final.hook_scale")  # (B, d_model) readout of the residual stream
+    readout, bias = [], []
+    for layer in range(L):
+        attn = model.blocks[layer].attn
+        rg = r
+        if post:  # frozen post-attention RMSNorm: out = w ⊙ y / s_post
+            w = model.blocks[layer].ln1_post.weight.to(dt)
+            w = 1 + w if getattr(cfg, "rmsnorm_uses_offset", False) else w
+            rg = r * w / f(POST_NORM_HOOK.format(layer=layer))
+        readout.append(torch.einsum("hed,bd->bhe", attn.W_O.to(dt), rg))  # (B, H, e)
+        bias.append(rg @ attn.b_O.to(dt) if attn.b_O is not None else torch.zeros(len(ds), dtype=dt, device=r.device))
+    dot = lambda name: (f(name) * r).sum(-1)  # noqa: E731
+    run = DLARun(
+        z=torch.stack([f(f"blocks.{layer}.attn.hook_z") for layer in range(L)], 1),
+        head_readout=torch.stack(readout, 1),
+        mlp=torch.stack([dot(f"blocks.{layer}.hook_mlp_out") for layer in range(L)], 1),
+        attn_bias=torch.stack(bias, 1),
+        embed=dot("hook_embed"),
+        pos_embed=dot("hook_pos_embed") if "hook_pos_embed" in want else None,
+        unembed_bias=ub.to(dt) if ub is not None else torch.zeros(len(ds), dtype=dt, device=r.device),
+        metric=actual.to(dt),
+        post_norm=post,
+    )
+    if sources:
+        run.pattern = torch.stack([f(f"blocks.{layer}.attn.hook_pattern") for layer in range(L)], 1)
+        v = torch.stack([f(f"blocks.{layer}.attn.hook_v") for layer in range(L)], 1)  # (B, L, K, H_kv, e)
+        run.v = v.repeat_interleave(cfg.n_heads // v.shape[3], dim=3)
+    _check_sum(run, _head_scores(run), low_precision=logits.dtype not in (torch.float32, torch.float64))
+    return run
+
+
+def _check_sum(run: DLARun, heads: Tensor, low_precision: bool) -> None:
+    """Raise unless the direct terms add up to the model's own metric (any architecture
+    this decomposition does not describe fails here rather than returning wrong numbers)."""
+    total = run.embed + heads.sum((1, 2)) + run.attn_bias.sum(1) + run.mlp.sum(1) + run.unembed_bias
+    if run.pos_embed is not None:
+        total = total + run.pos_embed
+    err = (total - run.metric).abs().max().item()
+    tol = (5e-2 if low_precision else 1e-3) * max(1.0, run.metric.abs().max().item())
+    if err > tol:
+        raise ValueError(
+            f"DLA terms do not add up to the model's logits (max error {err:.3g}): this architecture "
+            "puts something between the residual stream and the logits that DLA does not model."
+        )
+
+
+def _head_scores(run: DLARun) -> Float[Tensor, "batch layer head"]:
+    """Each head's direct term: z_h . (W_O[h] (g ⊙ r)) at the last position."""
+    return torch.einsum("blhe,blhe->blh", run.z, run.head_readout)
+
+
+def _source_scores(run: DLARun) -> Float[Tensor, "batch layer pos"]:
+    """Attention's direct term split by source position: sum_h A_h[last, k] v_{k,h} . u_h."""
+    vals = torch.einsum("blkhe,blhe->blkh", run.v, run.head_readout)  # (B, L, K, H)
+    return torch.einsum("blhk,blkh->blk", run.pattern, vals)
+
+
+def direct_logit_attribution(
+    model,
+    ds: ContrastiveDataset,
+    *,
+    site: str = "z",
+    metric: str = "logit_diff",
+    per_prompt: bool = False,
+) -> AttributionResult:
+    """Direct logit attribution at the last position: (x_c / s) . (W_U[:, c] - W_U[:, w]).
+
+    ``site``: ``"z"`` (axes layer x head), ``"attn_out"`` (layer x source position) or
+    ``"mlp_out"`` (layer x position, nonzero only at the last position); see the module
+    docstring. ``metric``: ``"logit_diff"`` (f_c - f_w) or ``"logit"`` (f_c alone).
+    Scores are in logits, averaged over prompts (``per_prompt=True`` keeps each prompt's).
+
+    >>> from mechsteer.tiny import tiny_model
+    >>> from mechsteer.tasks import ioi
+    >>> model = tiny_model("llama"); ds = ioi(model, n=4)
+    >>> r = direct_logit_attribution(model, ds, site="z")
+    >>> r.axes, tuple(r.scores.shape)
+    (('layer', 'head'), (2, 4))
+    """
+    _check(model, ds, metric)
+    if site not in DLA_SITES:
+        hint = " (use 'attn_out' or 'mlp_out' for layer x position)" if site in ("resid_pre", "resid_post") else ""
+        raise ValueError(f"DLA supports sites {list(DLA_SITES)}, got {site!r}{hint}.")
+    with timer() as t:
+        run = _run_dla(model, ds, metric, sources=site == "attn_out")
+        if site == "z":
+            pp = _head_scores(run)
+        elif site == "attn_out":
+            pp = _source_scores(run)
+        else:
+            pp = torch.zeros(len(ds), model.cfg.n_layers, ds.n_pos, device=run.mlp.device, dtype=run.mlp.dtype)
+            pp[..., -1] = run.mlp
+    return AttributionResult(
+        scores=pp.mean(0),
+        axes=("layer", "head") if site == "z" else ("layer", "pos"),
+        method="DLA",
+        metric=metric,
+        labels={} if site == "z" else {"pos": ds.labels},
+        seconds=t["seconds"],
+        per_prompt=pp if per_prompt else None,
+        meta={"site": site, "post_norm": run.post_norm},
+    )
+
+
+def dla_terms(model, ds: ContrastiveDataset, *, metric: str = "logit_diff"):
+    """Every direct term of every prompt, as a tidy DataFrame that sums to the metric.
+
+    Columns: ``prompt``, ``term`` (``embed``, ``pos_embed`` where positions are learned,
+    ``head``, ``attn_bias`` (b_O; 0 on models without it), ``mlp``, ``unembed_bias``),
+    ``layer`` and ``head`` (nullable integers), ``label`` and ``value`` (logits).
+    ``df.groupby("prompt")["value"].sum()`` is each prompt's f_c - f_w (or f_c).
+
+    >>> from mechsteer.tiny import tiny_model
+    >>> from mechsteer.tasks import ioi
+    >>> model = tiny_model("gpt2"); ds = ioi(model, n=2)
+    >>> df = dla_terms(model, ds)
+    >>> total = df.groupby("prompt")["value"].sum()
+    >>> torch.allclose(torch.tensor(total.values), ds.logit_diffs(model)[0].double(), atol=1e-4)
+    True
+    """
+    import pandas as pd
+
+    _check(model, ds, metric)
+    run = _run_dla(model, ds, metric, sources=False)
+    heads = _head_scores(run).cpu().double()  # (B, L, H)
+    B, L, H = heads.shape
+    rows: list[tuple] = []
+    for b in range(B):
+        rows.append((b, "embed", None, None, "embed", float(run.embed[b])))
+        if run.pos_embed is not None:
+            rows.append((b, "pos_embed", None, None, "pos_embed", float(run.pos_embed[b])))
+        for layer in range(L):
+            rows += [(b, "head", layer, h, f"L{layer}H{h}", float(heads[b, layer, h])) for h in range(H)]
+            rows.append((b, "attn_bias", layer, None, f"L{layer} b_O", float(run.attn_bias[b, layer])))
+            rows.append((b, "mlp", layer, None, f"L{layer} mlp", float(run.mlp[b, layer])))
+        rows.append((b, "unembed_bias", None, None, "b_U", float(run.unembed_bias[b])))
+    df = pd.DataFrame(rows, columns=["prompt", "term", "layer", "head", "label", "value"])
+    return df.astype({"layer": "Int64", "head": "Int64"})
