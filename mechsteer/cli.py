@@ -1,7 +1,8 @@
-"""The ``mechsteer`` command line: ``info``, ``tasks`` and ``demo``.
+"""The ``mechsteer`` command line: ``info``, ``tasks``, ``attribute`` and ``demo``.
 
     mechsteer info                       # model, sizes, sites
     mechsteer tasks --task ccc --n 8     # generated prompts and drop counts
+    mechsteer attribute --task ioi --methods patching,atp,dla,attnlrp --n 16 --out DIR
     mechsteer demo --out out/demo        # the HTML report on the embedded model
 """
 
@@ -73,8 +74,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _log("task section")
     datasets = [make_task(name, model, n=args.n, seed=args.seed) for name in ("ccc", "ioi")]
     report.add(task_section(model, datasets))
+    if args.attribution_n > 0:
+        from mechsteer.attribution.suite import run_suite
+        from mechsteer.report import attribution_section
+
+        _log("attribution section")
+        suites = [run_suite(model, ds.subset(slice(0, args.attribution_n))) for ds in datasets]
+        report.add(attribution_section(suites))
     path = report.write(args.out)
     _log(f"wrote {path} and {Path(args.out) / 'summary.json'} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def cmd_attribute(args: argparse.Namespace) -> int:
+    from mechsteer import _io
+    from mechsteer.attribution.suite import METHODS, run_suite
+    from mechsteer.report import Report, attribution_section
+    from mechsteer.tasks import make_task
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"Unknown methods {unknown}; choose from {','.join(METHODS)}.")
+    model = _load(args.model)
+    ds = make_task(args.task, model, n=args.n, seed=args.seed)
+    _log(f"{args.task}: {len(ds)} prompts of {ds.n_pos} tokens; methods {methods}")
+    suite = run_suite(model, ds, methods, direction=args.direction)
+    out = Path(args.out)
+    _io.write_text(out / "scores.csv", suite.frame().to_csv(index=False))
+    _io.write_text(out / "costs.csv", suite.costs().to_csv(index=False))
+    if suite.comparisons:
+        pairs = [c.pairs.assign(grid=g) for g, c in suite.comparisons.items()]
+        import pandas as pd
+
+        _io.write_text(out / "agreement.csv", pd.concat(pairs, ignore_index=True).to_csv(index=False))
+    report = Report(f"mechsteer attribution: {args.task} on {model.cfg.model_name}")
+    report.add(attribution_section([suite]))
+    _io.write_text(out / "index.html", report.to_html())  # all figures, plotly.js inlined
+    _io.write_json(out / "summary.json", {"task": args.task, "model": model.cfg.model_name, **suite.summary()})
+    for m, fe in suite.forward_equivalents.items():
+        _log(f"{m:<9} {suite.seconds[m]:8.2f} s  {fe:7.2f} forward-equivalents")
+    _log(f"wrote {out / 'index.html'}, scores.csv, costs.csv, agreement.csv, summary.json")
     return 0
 
 
@@ -95,10 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_argument("--model", default=None, help=_MODEL_HELP)
     tasks.set_defaults(func=cmd_tasks)
 
+    att = sub.add_parser("attribute", help="run attribution methods side by side")
+    att.add_argument("--task", choices=["ccc", "ioi"], required=True)
+    att.add_argument("--methods", default="patching,atp,dla,attnlrp", help="comma-separated: patching,atp,dla,attnlrp")
+    att.add_argument("--n", type=int, default=16, help="prompts")
+    att.add_argument("--seed", type=int, default=0)
+    att.add_argument("--direction", choices=["noising", "denoising"], default="noising", help="for patching and AtP")
+    att.add_argument("--out", default="out/attribute", help="output directory")
+    att.add_argument("--model", default=None, help=_MODEL_HELP)
+    att.set_defaults(func=cmd_attribute)
+
     demo = sub.add_parser("demo", help="write the HTML report on the embedded model")
     demo.add_argument("--out", default="out/demo", help="output directory (index.html, summary.json)")
     demo.add_argument("--n", type=int, default=32, help="prompts per task")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--attribution-n", type=int, default=8, help="prompts per task for the attribution section (0 skips it)")
     demo.add_argument("--model", default=None, help=_MODEL_HELP)
     demo.set_defaults(func=cmd_demo)
     return p

@@ -158,3 +158,21 @@ def task_section(model, datasets: list) -> Section:
         )
         figures.append(logit_diff_strip(clean.tolist(), corrupt.tolist(), title=f"{ds.name.upper()}: logit difference per prompt"))
     return Section(key="tasks", title="Contrastive tasks", html="".join(parts), figures=figures, summary=summary)
+
+
+def attribution_section(suites: list) -> Section:
+    """Attribution methods side by side on each task: heatmaps per grid, agreement
+    (Spearman, top-k Jaccard) and cost in forward-equivalents."""
+    parts, figures, summary = [], [], {}
+    for suite in suites:
+        summary[suite.task] = suite.summary()
+        parts.append(
+            f"<h3>{suite.task.upper()} ({suite.n} prompts)</h3><p>Cost of each method, in plain forward "
+            f"passes of the same batch (one forward: {suite.plain_forward_seconds:.3f} s):</p>"
+            + table_html(suite.costs().round(3), index=False)
+        )
+        for grid, cmp in suite.comparisons.items():
+            parts.append(f"<h4>{grid}: agreement (Spearman / top-{cmp.k} Jaccard)</h4>")
+            parts.append(table_html(cmp.pairs.round(3), index=False))
+            figures.append(cmp.figure)
+    return Section(key="attribution", title="Attribution methods", html="".join(parts), figures=figures, summary=summary)

@@ -205,6 +205,54 @@ def _source_scores(run: DLARun) -> Float[Tensor, "batch layer pos"]:
     return torch.einsum("blhk,blkh->blk", run.pattern, vals)
 
 
+def direct_logit_attribution_all(
+    model,
+    ds: ContrastiveDataset,
+    *,
+    sites: tuple[str, ...] | list[str] = DLA_SITES,
+    metric: str = "logit_diff",
+    per_prompt: bool = False,
+) -> dict[str, AttributionResult]:
+    """DLA of several sites from one forward pass (see ``direct_logit_attribution``).
+
+    >>> from mechsteer.tiny import tiny_model
+    >>> from mechsteer.tasks import ioi
+    >>> model = tiny_model("llama")
+    >>> sorted(direct_logit_attribution_all(model, ioi(model, n=2)))
+    ['attn_out', 'mlp_out', 'z']
+    """
+    _check(model, ds, metric)
+    for site in sites:
+        if site not in DLA_SITES:
+            hint = " (use 'attn_out' or 'mlp_out' for layer x position)" if site in ("resid_pre", "resid_post") else ""
+            raise ValueError(f"DLA supports sites {list(DLA_SITES)}, got {site!r}{hint}.")
+    scores = {}
+    with timer() as t:
+        run = _run_dla(model, ds, metric, sources="attn_out" in sites)
+        for site in sites:
+            if site == "z":
+                scores[site] = _head_scores(run)
+            elif site == "attn_out":
+                scores[site] = _source_scores(run)
+            else:
+                pp = torch.zeros(len(ds), model.cfg.n_layers, ds.n_pos, device=run.mlp.device, dtype=run.mlp.dtype)
+                pp[..., -1] = run.mlp
+                scores[site] = pp
+    return {
+        site: AttributionResult(
+            scores=pp.mean(0),
+            axes=("layer", "head") if site == "z" else ("layer", "pos"),
+            method="DLA",
+            metric=metric,
+            labels={} if site == "z" else {"pos": ds.labels},
+            seconds=t["seconds"],  # the shared run's time
+            per_prompt=pp if per_prompt else None,
+            meta={"site": site, "post_norm": run.post_norm},
+        )
+        for site, pp in scores.items()
+    }
+
+
 def direct_logit_attribution(
     model,
     ds: ContrastiveDataset,
@@ -227,29 +275,7 @@ def direct_logit_attribution(
     >>> r.axes, tuple(r.scores.shape)
     (('layer', 'head'), (2, 4))
     """
-    _check(model, ds, metric)
-    if site not in DLA_SITES:
-        hint = " (use 'attn_out' or 'mlp_out' for layer x position)" if site in ("resid_pre", "resid_post") else ""
-        raise ValueError(f"DLA supports sites {list(DLA_SITES)}, got {site!r}{hint}.")
-    with timer() as t:
-        run = _run_dla(model, ds, metric, sources=site == "attn_out")
-        if site == "z":
-            pp = _head_scores(run)
-        elif site == "attn_out":
-            pp = _source_scores(run)
-        else:
-            pp = torch.zeros(len(ds), model.cfg.n_layers, ds.n_pos, device=run.mlp.device, dtype=run.mlp.dtype)
-            pp[..., -1] = run.mlp
-    return AttributionResult(
-        scores=pp.mean(0),
-        axes=("layer", "head") if site == "z" else ("layer", "pos"),
-        method="DLA",
-        metric=metric,
-        labels={} if site == "z" else {"pos": ds.labels},
-        seconds=t["seconds"],
-        per_prompt=pp if per_prompt else None,
-        meta={"site": site, "post_norm": run.post_norm},
-    )
+    return direct_logit_attribution_all(model, ds, sites=(site,), metric=metric, per_prompt=per_prompt)[site]
 
 
 def dla_terms(model, ds: ContrastiveDataset, *, metric: str = "logit_diff"):

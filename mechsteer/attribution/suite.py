@@ -1,0 +1,151 @@
+"""Run several attribution methods on one dataset, on shared grids, with their costs.
+
+Three grids every method can fill:
+
+- ``heads``: layer x head (patching each head's z at all positions; AtP on z summed over
+  positions; DLA per head; AttnLRP relevance on each head's attention weights from the
+  last position);
+- ``attn_out`` and ``mlp_out``: layer x position.
+
+Patching and AtP run in the same direction (default ``"noising"``: what breaks the clean
+behaviour, the direction AtP's clean-run gradient estimates), so their rank correlation
+compares like with like. Each method's cost is its wall time divided by one plain forward
+pass of the same batch, measured in the same run (``forward_equivalents``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from mechsteer.attribution._common import plain_forward_seconds
+from mechsteer.attribution.compare import Comparison, compare
+from mechsteer.attribution.result import AttributionResult
+from mechsteer.tasks.base import ContrastiveDataset
+
+METHODS = ("patching", "atp", "dla", "attnlrp")
+GRIDS = ("heads", "attn_out", "mlp_out")
+
+
+def _patching(model, ds, direction, progress):
+    from mechsteer.attribution.patching import activation_patching
+
+    heads = activation_patching(model, ds, site="z", per_position=False, direction=direction, progress=progress)
+    sites = activation_patching(model, ds, site=["attn_out", "mlp_out"], direction=direction, progress=progress)
+    out = {"heads": heads, "attn_out": sites.select(site="attn_out"), "mlp_out": sites.select(site="mlp_out")}
+    return out, heads.seconds + sites.seconds
+
+
+def _atp(model, ds, direction, progress):
+    from mechsteer.attribution.atp import attribution_patching_all
+
+    res = attribution_patching_all(model, ds, sites=("attn_out", "mlp_out", "z"), direction=direction)
+    return {"heads": res["z"].sum("pos"), "attn_out": res["attn_out"], "mlp_out": res["mlp_out"]}, res["z"].seconds
+
+
+def _dla(model, ds, direction, progress):
+    from mechsteer.attribution.dla import direct_logit_attribution_all
+
+    res = direct_logit_attribution_all(model, ds, sites=("z", "attn_out", "mlp_out"))
+    return {"heads": res["z"], "attn_out": res["attn_out"], "mlp_out": res["mlp_out"]}, res["z"].seconds
+
+
+def _attnlrp(model, ds, direction, progress):
+    from mechsteer.attribution.lrp import attnlrp
+
+    res = attnlrp(model, ds, readout=("sites", "heads"), sites=("attn_out", "mlp_out"), progress=progress)
+    sites = res["sites"]
+    out = {"heads": res["heads"], "attn_out": sites.select(site="attn_out"), "mlp_out": sites.select(site="mlp_out")}
+    return out, sites.seconds
+
+
+RUNNERS = {"patching": _patching, "atp": _atp, "dla": _dla, "attnlrp": _attnlrp}
+
+
+@dataclass
+class Suite:
+    """Results of several methods on one dataset: ``results[grid][method]``."""
+
+    task: str
+    n: int
+    results: dict[str, dict[str, AttributionResult]]
+    seconds: dict[str, float]
+    plain_forward_seconds: float
+    comparisons: dict[str, Comparison] = field(default_factory=dict)
+
+    @property
+    def forward_equivalents(self) -> dict[str, float]:
+        """Each method's time in plain forward passes of the same batch."""
+        return {m: s / self.plain_forward_seconds for m, s in self.seconds.items()}
+
+    def frame(self):
+        """All scores as one tidy table (task, grid, method, axes, score)."""
+        import pandas as pd
+
+        frames = []
+        for grid, by_method in self.results.items():
+            for r in by_method.values():
+                df = r.to_frame()
+                df.insert(0, "grid", grid)
+                frames.append(df)
+        out = pd.concat(frames, ignore_index=True)
+        out.insert(0, "task", self.task)
+        return out
+
+    def costs(self):
+        """Seconds and forward-equivalents per method."""
+        import pandas as pd
+
+        fe = self.forward_equivalents
+        return pd.DataFrame(
+            [{"method": m, "seconds": s, "forward_equivalents": fe[m]} for m, s in self.seconds.items()]
+        )
+
+    def summary(self) -> dict:
+        """Numbers for ``summary.json``."""
+        fe = self.forward_equivalents
+        return {
+            "n": self.n,
+            "plain_forward_seconds": self.plain_forward_seconds,
+            "methods": {m: {"seconds": s, "forward_equivalents": fe[m]} for m, s in self.seconds.items()},
+            "spearman": {g: c.spearman.to_dict() for g, c in self.comparisons.items()},
+            "jaccard_top_k": {g: c.jaccard.to_dict() for g, c in self.comparisons.items()},
+        }
+
+
+def run_suite(
+    model,
+    ds: ContrastiveDataset,
+    methods: Sequence[str] = METHODS,
+    *,
+    direction: str = "noising",
+    k: int = 10,
+    progress: bool = True,
+) -> Suite:
+    """Run ``methods`` on ``ds``, fill every grid, and compare the methods on each grid.
+
+    >>> from mechsteer.tiny import tiny_model
+    >>> from mechsteer.tasks import ioi
+    >>> model = tiny_model("llama")
+    >>> suite = run_suite(model, ioi(model, n=4), ["atp", "dla"], progress=False)
+    >>> sorted(suite.results["heads"]), list(suite.comparisons)
+    (['atp', 'dla'], ['heads', 'attn_out', 'mlp_out'])
+    """
+    unknown = [m for m in methods if m not in RUNNERS]
+    if unknown or not methods:
+        raise ValueError(f"Unknown methods {unknown or methods}; choose from {list(METHODS)}.")
+    fwd = plain_forward_seconds(model, ds.tokens)
+    results: dict[str, dict[str, AttributionResult]] = {g: {} for g in GRIDS}
+    seconds = {}
+    for m in methods:
+        out, secs = RUNNERS[m](model, ds, direction, progress)
+        seconds[m] = secs
+        for g in GRIDS:
+            results[g][m] = out[g]
+    suite = Suite(task=ds.name, n=len(ds), results=results, seconds=seconds, plain_forward_seconds=fwd)
+    if len(methods) >= 2:
+        for g in GRIDS:
+            suite.comparisons[g] = compare(
+                list(results[g].values()), names=list(results[g]), k=k, title=f"{ds.name.upper()}: {g}"
+            )
+    return suite
