@@ -147,10 +147,18 @@ def _ids(v, n: int, model, name: str) -> Tensor | None:
 
 
 def _one_pass(model, tokens, answer, wrong, *, names, heads, query_pos, mask, positive, share, **rule_kw):
-    """One forward + one backward: target (B,), R_input (B,T), R_sites (B,S,L,T), R_heads (B,L,H)."""
+    """One forward + one backward: target (B,), R_input (B,T), R_sites (B,S,L,T), R_heads (B,L,H).
+
+    Readout hooks run after the rule hooks; each registers a tensor hook that reduces
+    ``a * grad`` (float32) as soon as the backward pass reaches a, so no gradient is kept.
+    """
     B, n_pos = tokens.shape
     L = model.cfg.n_layers
-    out = {"sites": torch.zeros(B, len(names), L, n_pos), "heads": torch.zeros(B, L, model.cfg.n_heads)}
+    dev = tokens.device
+    out = {
+        "sites": torch.zeros(B, len(names), L, n_pos, device=dev),
+        "heads": torch.zeros(B, L, model.cfg.n_heads, device=dev),
+    }
     leaves: list[Tensor] = []
 
     def embed(x, hook):
@@ -160,7 +168,11 @@ def _one_pass(model, tokens, answer, wrong, *, names, heads, query_pos, mask, po
     def site(i: int, layer: int) -> HookFn:
         def fn(x, hook):
             a = x.detach()
-            x.register_hook(lambda g: out["sites"][:, i, layer].copy_((a.float() * g.float()).sum(-1)))
+
+            def read(g):  # returns None: the gradient itself is left alone
+                out["sites"][:, i, layer] = (a.float() * g.float()).sum(-1)
+
+            x.register_hook(read)
 
         return fn
 
@@ -170,8 +182,8 @@ def _one_pass(model, tokens, answer, wrong, *, names, heads, query_pos, mask, po
 
             def read(g):
                 r = share * a * g[:, :, query_pos].float()  # (B, H, K)
-                r = r * mask[:, None].to(r.device) if mask is not None else r
-                out["heads"][:, layer] = (r.clamp(min=0) if positive else r).sum(-1).cpu()
+                r = r * mask[:, None] if mask is not None else r
+                out["heads"][:, layer] = (r.clamp(min=0) if positive else r).sum(-1)
 
             if x.is_leaf:  # CP-LRP's constant pattern: read its gradient as an input
                 leaves.append(x)
@@ -188,7 +200,7 @@ def _one_pass(model, tokens, answer, wrong, *, names, heads, query_pos, mask, po
         target = f[idx, answer] - (f[idx, wrong] if wrong is not None else 0.0)
         grads = torch.autograd.grad(target.sum(), leaves)
     r_input = (leaves[0].detach().float() * grads[0].float()).sum(-1)
-    return target.detach().cpu(), r_input.cpu(), out["sites"], out["heads"]
+    return target.detach().cpu(), r_input.cpu(), out["sites"].cpu(), out["heads"].cpu()
 
 
 def attnlrp(
@@ -210,10 +222,16 @@ def attnlrp(
     batch_size: int = 32,
     progress: bool = True,
 ) -> AttributionResult | dict[str, AttributionResult]:
-    """AttnLRP relevances R = a * d~f/da of f = f_c - f_w (dataset) or f_answer (tokens).
+    """AttnLRP relevances R(a) = a * d~f/da, all readouts from one forward + one backward.
 
-    ``readout``: a name from ``READOUTS`` (returns one result) or several (returns a dict).
-    Scores are means over prompts; ``meta["target"]`` holds each prompt's f.
+    f is each prompt's last-position logit difference f_c - f_w (``target="logit_diff"``,
+    the default for a dataset) or the logit f_a of ``answer`` (``"logit"``, the default
+    for raw tokens). ``readout``: one of ``READOUTS`` (returns that result) or several
+    (returns a dict). ``"heads"`` is sum over k in ``key_pos`` (default all) of
+    R(A[query_pos, k]), its positive part first if ``positive``; ``key_pos`` is one list
+    of positions or one list per prompt. ``uniform`` picks where the uniform rule sits
+    (same numbers). Scores are means over prompts; ``meta["target"]`` holds each f, so
+    ``per_prompt`` input relevances summed over positions can be compared with it.
 
     >>> from mechsteer.tiny import tiny_model
     >>> from mechsteer.tasks import ioi
@@ -226,27 +244,26 @@ def attnlrp(
     wanted = [readout] if isinstance(readout, str) else list(readout)
     if not wanted or any(r not in READOUTS for r in wanted):
         raise ValueError(f"readout must be one or more of {READOUTS}, got {readout!r}.")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
+    if variant not in VARIANTS or uniform not in UNIFORM:
+        raise ValueError(f"variant must be one of {VARIANTS} and uniform one of {tuple(UNIFORM)}; "
+                         f"got variant={variant!r}, uniform={uniform!r}.")
     if isinstance(data, ContrastiveDataset):
         if answer is not None or wrong is not None:
             raise ValueError("A ContrastiveDataset brings its own answers; pass answer=/wrong= only with raw tokens.")
         target = target or "logit_diff"
         tokens, answer, wrong, labels = data.tokens, data.correct, data.wrong, data.labels
     else:
-        if not isinstance(data, Tensor) or data.ndim != 2:
-            raise ValueError(f"Expected a ContrastiveDataset or tokens of shape (batch, pos), got {getattr(data, 'shape', data)!r}.")
         target = target or "logit"
         tokens = data
         labels = [f"{i}:{t}" for i, t in enumerate(model.to_str_tokens(data[0]))]
         if answer is None or (target == "logit_diff" and wrong is None):
-            raise ValueError(f"target={target!r} on raw tokens needs answer=" + (" and wrong=" if target == "logit_diff" else "") + " token ids.")
+            need = "answer= and wrong=" if target == "logit_diff" else "answer="
+            raise ValueError(f"target={target!r} on raw tokens needs {need} token ids (one per prompt, or one int).")
     if target not in ("logit_diff", "logit"):
         raise ValueError(f"target must be 'logit_diff' or 'logit', got {target!r}.")
     n, n_pos = tokens.shape
     ids = {"answer": _ids(answer, n, model, "answer"), "wrong": _ids(wrong, n, model, "wrong")}
-    if target == "logit":
-        ids["wrong"] = None
+    ids["wrong"] = ids["wrong"] if target == "logit_diff" else None
     if not isinstance(query_pos, int) or not -n_pos <= query_pos < n_pos:
         raise ValueError(f"query_pos {query_pos!r} is beyond the prompt: it has {n_pos} tokens.")
     if batch_size < 1:
@@ -261,9 +278,9 @@ def attnlrp(
             dev = lambda x: x[sl].to(model.cfg.device) if x is not None else None  # noqa: E731
             parts.append(_one_pass(
                 model, tokens[sl].to(model.cfg.device), dev(ids["answer"]), dev(ids["wrong"]),
-                names=names, heads="heads" in wanted, query_pos=query_pos,
-                mask=mask[sl] if mask is not None else None, positive=positive, share=share,
-                variant=variant, uniform=uniform, rules=rules,
+                names=names if "sites" in wanted else [], heads="heads" in wanted, query_pos=query_pos,
+                mask=mask[sl].to(model.cfg.device) if mask is not None else None,
+                positive=positive, share=share, variant=variant, uniform=uniform, rules=rules,
             ))
     f, r_input, r_sites, r_heads = (torch.cat(p) for p in zip(*parts))
     method = ("attnlrp" if variant == "attnlrp" else "cp-lrp") if rules else "grad_x_input"

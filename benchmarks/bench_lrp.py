@@ -1,0 +1,135 @@
+"""AttnLRP cost in forward-equivalents, throughput, and conservation ratios.
+
+On an IOI batch (``mechsteer.tasks.ioi(model, n=N)``), one ``attnlrp`` call with every
+readout (input tokens; resid_pre / attn_out / mlp_out / resid_post at every layer and
+position; head relevance on the attention weights from the last position), all from one
+forward + one backward pass, timed as the median of ``--reps`` interleaved runs of:
+
+- ``attnlrp``: the AttnLRP rules (``variant="attnlrp"``);
+- ``cp``: CP-LRP (constant attention weights);
+- ``grad_x_input``: the same readouts with every rule off (``rules=False``);
+
+each divided by one plain no-grad forward of the same batch timed just before it
+(``plain_forward_seconds``): the median of these paired ratios is the
+cost in forward-equivalents. Pairing keeps the ratio steadier when the load of a shared
+machine drifts; the same ratios in process CPU time (``time.process_time``, this process's
+threads only) are reported beside them, as they are less disturbed by other processes.
+Throughput: samples per minute from the median wall time. Conservation: sum of the
+input-token relevances over the explained logit difference (aggregate over prompts, and
+the median per prompt), and the same for the raw correct-answer logit.
+
+    python benchmarks/bench_lrp.py [--model tiny] [--n 16] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import mechsteer
+from mechsteer.attribution._common import plain_forward_seconds
+from mechsteer.attribution.lrp import attnlrp
+from mechsteer.tasks import ioi
+
+CASES = {"attnlrp": dict(variant="attnlrp"), "cp": dict(variant="cp"), "grad_x_input": dict(rules=False)}
+
+
+def conservation(out) -> dict[str, float]:
+    """sum(R_input) / f: aggregate over prompts, and the median of the per-prompt ratios."""
+    r, f = out.per_prompt.sum(-1), out.meta["target"]
+    return {"aggregate": (r.sum() / f.sum()).item(), "median_per_prompt": (r / f).median().item()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2",
+                    help="embedded SmolLM2-135M (default) or the tiny random llama for a quick check")
+    ap.add_argument("--n", type=int, default=16, help="IOI prompts in the batch (one pass)")
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions per case (median reported)")
+    ap.add_argument("--out", default="benchmarks/results/lrp.json", help="JSON results path")
+    args = ap.parse_args()
+
+    if args.model == "tiny":
+        from mechsteer.tiny import tiny_model
+
+        model = tiny_model("llama")
+    else:
+        model = mechsteer.load_model()
+    ds = ioi(model, n=args.n)
+    kw = dict(readout=("input", "sites", "heads"), batch_size=args.n, progress=False, per_prompt=True)
+    outs = {name: attnlrp(model, ds, **kw, **case) for name, case in CASES.items()}  # warm-up
+    clocks = {"wall": time.perf_counter, "cpu": time.process_time}
+    times = {name: {c: [] for c in clocks} for name in CASES}
+    ratios = {name: {c: [] for c in clocks} for name in CASES}
+    plain = {c: [] for c in clocks}
+
+    def timed(fn) -> dict[str, float]:
+        start = {c: clock() for c, clock in clocks.items()}
+        fn()
+        return {c: clock() - start[c] for c, clock in clocks.items()}
+
+    def forward():
+        with torch.no_grad():
+            model(ds.tokens)
+
+    for _ in range(args.reps):  # interleaved; each case paired with a plain forward just before it
+        for name, case in CASES.items():
+            p = {"wall": plain_forward_seconds(model, ds.tokens, repeats=1), "cpu": timed(forward)["cpu"]}
+            t = timed(lambda: outs.__setitem__(name, attnlrp(model, ds, **kw, **case)))
+            for c in clocks:
+                plain[c].append(p[c])
+                times[name][c].append(t[c])
+                ratios[name][c].append(t[c] / p[c])
+    rows = {}
+    for name in CASES:
+        med = statistics.median(times[name]["wall"])
+        rows[name] = {"median_s": med, "times_s": times[name], "ratios": ratios[name],
+                      "forward_equivalents": statistics.median(ratios[name]["wall"]),
+                      "forward_equivalents_cpu": statistics.median(ratios[name]["cpu"]),
+                      "samples_per_minute": args.n / med * 60,
+                      "conservation_logit_diff": conservation(outs[name]["input"])}
+    plain_s = statistics.median(plain["wall"])
+    for name, case in (("attnlrp", {}), ("cp", dict(variant="cp"))):
+        logit = attnlrp(model, ds.tokens, answer=ds.correct, readout="input", per_prompt=True, progress=False, **case)
+        rows[name]["conservation_logit"] = conservation(logit)
+
+    print(f"model={model.cfg.model_name} tokens={tuple(ds.tokens.shape)} reps={args.reps} "
+          f"plain forward {plain_s * 1e3:.1f} ms, torch threads {torch.get_num_threads()}")
+    head = ("case", "median ms", "fwd-eq", "(cpu)", "samples/min", "R/f (ld)", "R/f (logit)")
+    widths = (14, 10, 8, 7, 13, 10, 12)
+    print("".join(f"{h:<{w}}" if i == 0 else f"{h:>{w}}" for i, (h, w) in enumerate(zip(head, widths))))
+    for name, r in rows.items():
+        logit = r.get("conservation_logit", {}).get("aggregate", float("nan"))
+        cells = (r["median_s"] * 1e3, r["forward_equivalents"], r["forward_equivalents_cpu"], r["samples_per_minute"],
+                 r["conservation_logit_diff"]["aggregate"], logit)
+        fmts = (".1f", ".2f", ".2f", ".0f", ".3f", ".3f")
+        print(f"{name:<14}" + "".join(f"{c:>{w}{f}}" for c, w, f in zip(cells, widths[1:], fmts)))
+
+    result = {
+        "benchmark": "lrp",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": model.cfg.model_name,
+        "tokens_shape": list(ds.tokens.shape),
+        "readouts": list(kw["readout"]),
+        "reps": args.reps,
+        "plain_forward_s": plain_s,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                    "device": str(model.cfg.device), "loadavg_1m_at_end": os.getloadavg()[0]},
+        "results": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
