@@ -8,7 +8,7 @@ page (never a CDN link), so ``index.html`` opens with no network, and writes
 >>> from mechsteer.tiny import tiny_model
 >>> import tempfile, pathlib
 >>> report = Report("demo")
->>> report.add(model_section(tiny_model("gpt2")))
+>>> _ = report.add(model_section(tiny_model("gpt2")))
 >>> path = report.write(tempfile.mkdtemp())
 >>> "plotly" in path.read_text()[:4_000_000], (path.parent / "summary.json").exists()
 (True, True)
