@@ -20,14 +20,11 @@ the medians. Cases:
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
-import torch
+
+from _common import machine_info, write_result
 
 import mechsteer
 from mechsteer.attribution._common import plain_forward_seconds
@@ -104,15 +101,10 @@ def main() -> None:
         "plain_forward_s": plain,
         "plain_forward_median_s": plain_median,
         "plain_forward_times_s": times["plain"],
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                    "loadavg_1m_at_end": os.getloadavg()[0]},
+        "machine": machine_info(),
         "results": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -18,16 +18,15 @@ the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
+
+from _common import machine_info, write_result
 
 SNIPPET = (
     "import time; t0 = time.perf_counter(); import mechsteer; t1 = time.perf_counter(); "
@@ -72,20 +71,14 @@ def main() -> None:
         print(f"{name:<14}{r['import_s']:>10.2f}{r['load_s']:>10.2f}{r['subprocess_s']:>11.2f}"
               f"{r['load_ratio_to_warm']:>11.2f}{r['subprocess_cpu_s']:>8.2f}{r['cpu_ratio_to_warm']:>10.2f}")
 
-    import torch
 
     result = {
         "benchmark": "load",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                    "loadavg_1m_at_end": os.getloadavg()[0]},
+        "machine": machine_info(),
         "results": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

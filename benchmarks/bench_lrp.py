@@ -24,14 +24,12 @@ the median per prompt), and the same for the raw correct-answer logit.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+
+from _common import machine_info, write_result
 
 import mechsteer
 from mechsteer.attribution._common import plain_forward_seconds
@@ -120,15 +118,10 @@ def main() -> None:
         "readouts": list(kw["readout"]),
         "reps": args.reps,
         "plain_forward_s": plain_s,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                    "device": str(model.cfg.device), "loadavg_1m_at_end": os.getloadavg()[0]},
+        "machine": machine_info(device=str(model.cfg.device)),
         "results": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

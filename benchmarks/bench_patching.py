@@ -22,15 +22,13 @@ and timings swing by orders of magnitude.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
-from pathlib import Path
 
 import pandas as pd
 import torch
 import transformer_lens.patching as tlp
+
+from _common import machine_info, write_result
 
 import mechsteer
 from mechsteer.attribution._common import default_metric, plain_forward_seconds
@@ -132,15 +130,10 @@ def main() -> None:
         "n_prompts": len(ds),
         "n_pos": ds.n_pos,
         "plain_forward_s": plain,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                    "loadavg_1m_at_end": os.getloadavg()[0]},
+        "machine": machine_info(),
         "results": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

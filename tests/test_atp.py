@@ -15,7 +15,7 @@ from mechsteer.attribution.atp import attribution_patching, attribution_patching
 from mechsteer.attribution.compare import spearman
 from mechsteer.metrics import logit_diff
 from mechsteer.sites import hook_name, hooked, live_hooks
-from mechsteer.tasks import ccc, ioi
+from mechsteer.tasks import ioi
 from mechsteer.tiny import tiny_model
 
 SITES = ("resid_pre", "attn_out", "mlp_out", "z")

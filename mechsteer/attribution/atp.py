@@ -51,7 +51,6 @@ from mechsteer.attribution._common import (
     check_dataset,
     check_metric_output,
     check_sites,
-    default_metric,
     per_prompt_metric,
     timer,
 )
