@@ -36,8 +36,9 @@ class Section:
     key: str
     title: str
     html: str = ""
-    figures: list[Any] = field(default_factory=list)
+    figures: list[Any] = field(default_factory=list)  # drawn after ``html`` and ``parts``
     summary: dict[str, Any] = field(default_factory=dict)
+    parts: list[Any] = field(default_factory=list)  # HTML strings and figures, in reading order
 
 
 def table_html(df: pd.DataFrame, **kwargs: Any) -> str:
@@ -76,11 +77,13 @@ class Report:
         toc = "".join(f'<li><a href="#{s.key}">{html.escape(s.title)}</a></li>' for s in self.sections)
         body = []
         for s in self.sections:
-            figs = "".join(
-                f'<div class="fig">{fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"{s.key}-{i}")}</div>'
-                for i, fig in enumerate(s.figures)
-            )
-            body.append(f'<section id="{s.key}"><h2>{html.escape(s.title)}</h2>{s.html}{figs}</section>')
+            items = [s.html, *s.parts, *s.figures]
+            rendered = [
+                item if isinstance(item, str)
+                else f'<div class="fig">{item.to_html(full_html=False, include_plotlyjs=False, div_id=f"{s.key}-{i}")}</div>'
+                for i, item in enumerate(items)
+            ]
+            body.append(f'<section id="{s.key}"><h2>{html.escape(s.title)}</h2>{"".join(rendered)}</section>')
         return (
             "<!DOCTYPE html><html><head><meta charset='utf-8'>"
             f"<title>{html.escape(self.title)}</title><style>{_CSS}</style>"
@@ -134,7 +137,7 @@ def task_section(model, datasets: list) -> Section:
     the correct answer on clean prompts and the wrong one on corrupted prompts."""
     from mechsteer.plots import logit_diff_strip
 
-    parts, figures, summary = [], [], {}
+    parts, summary = [], {}
     for ds in datasets:
         clean, corrupt = ds.logit_diffs(model)
         stats = {
@@ -156,14 +159,14 @@ def task_section(model, datasets: list) -> Section:
             f"of corrupted prompts ({stats['corrupted_logit_diff']:.2f}).</p>"
             + table_html(preview, index=False)
         )
-        figures.append(logit_diff_strip(clean.tolist(), corrupt.tolist(), title=f"{ds.name.upper()}: logit difference per prompt"))
-    return Section(key="tasks", title="Contrastive tasks", html="".join(parts), figures=figures, summary=summary)
+        parts.append(logit_diff_strip(clean.tolist(), corrupt.tolist(), title=f"{ds.name.upper()}: logit difference per prompt"))
+    return Section(key="tasks", title="Contrastive tasks", parts=parts, summary=summary)
 
 
 def attribution_section(suites: list) -> Section:
     """Attribution methods side by side on each task: heatmaps per grid, agreement
     (Spearman, top-k Jaccard) and cost in forward-equivalents."""
-    parts, figures, summary = [], [], {}
+    parts, summary = [], {}
     for suite in suites:
         summary[suite.task] = suite.summary()
         parts.append(
@@ -172,7 +175,7 @@ def attribution_section(suites: list) -> Section:
             + table_html(suite.costs().round(3), index=False)
         )
         for grid, cmp in suite.comparisons.items():
+            parts.append(cmp.figure)
             parts.append(f"<h4>{grid}: agreement (Spearman / top-{cmp.k} Jaccard)</h4>")
             parts.append(table_html(cmp.pairs.round(3), index=False))
-            figures.append(cmp.figure)
-    return Section(key="attribution", title="Attribution methods", html="".join(parts), figures=figures, summary=summary)
+    return Section(key="attribution", title="Attribution methods", parts=parts, summary=summary)
