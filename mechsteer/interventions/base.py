@@ -1,0 +1,264 @@
+"""The shared machinery of learnable interventions (seed paper 003, Sec. 3.1-3.2).
+
+An intervention targets the intervention points K = L x I x S (layers x token positions x
+sites) and replaces each activation vector h_{l,i}^(s) by a steered one h~ that depends on
+learnable parameters theta and a run-time strength beta. beta = 0 is exactly the identity
+(f~^0 = f) and flipping the sign of beta reverses the intervention's direction.
+
+``Intervention`` holds the location spec and the hooks; a subclass only says how one
+site's selected activations change (``edit``). Sites are ``attn_out``, ``mlp_out``,
+``resid_post`` (a d_model vector per position) and per-head ``z`` (n_heads x d_head per
+position, so a location there is (layer, pos, head)). Positions are ``"all"``, ``"last"``
+or a list of ints.
+
+beta may be a float or a ``(batch,)`` tensor: one beta per prompt. A training step stacks
+the prompts twice and runs beta = [+1]*B + [-1]*B as ONE batch (``plus_minus_batch``).
+
+Hooks return a new tensor (TransformerLens style) and run through ``mechsteer.sites.hooked``,
+so they are removed on every exit path and must all fire. ``resid_mid`` is refused: on the
+bridge its hook is ``ln2.hook_in``, where returning a new tensor does not patch the residual.
+
+>>> from mechsteer.interventions import ActivScalar
+>>> from mechsteer.tiny import tiny_model
+>>> model = tiny_model("gpt2")
+>>> tokens = model.to_tokens("The capital of France is")
+>>> iv = ActivScalar.for_model(model, sites=["attn_out"], n_pos=tokens.shape[1])
+>>> with iv.apply(model, beta=0.0):
+...     logits = model(tokens)
+>>> bool((logits == model(tokens)).all())
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechsteer.sites import get_site, hook_name, hooked
+
+ALLOWED_SITES = ("attn_out", "mlp_out", "resid_post", "z")
+DEFAULT_INIT_STD = 1e-5  # App. A.1: parameters start as Gaussian noise
+
+
+def _check_sites(sites: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(sites, str):
+        sites = [sites]
+    sites = tuple(sites)
+    if not sites:
+        raise ValueError("sites is empty; give at least one of " + ", ".join(ALLOWED_SITES) + ".")
+    for s in sites:
+        get_site(s)  # unknown names get the "did you mean" error
+        if s not in ALLOWED_SITES:
+            why = (
+                (
+                    " On the bridge hook_resid_mid is ln2.hook_in, where a returned tensor does not "
+                    "patch the residual stream."
+                )
+                if s == "resid_mid"
+                else ""
+            )
+            raise ValueError(f"Site {s!r} cannot be intervened on; choose from {ALLOWED_SITES}.{why}")
+    if len(set(sites)) != len(sites):
+        raise ValueError(f"sites has duplicates: {sites}.")
+    return sites
+
+
+class Intervention(torch.nn.Module):
+    """Base class: location spec (sites x layers x positions), parameters and hooks.
+
+    Subclasses set ``position_bound`` and implement ``param_shape`` and ``edit``.
+    Position-bound ones need ``n_pos`` for ``positions="all"`` or a list, and then refuse
+    prompts of any other length; with ``positions="last"`` and no ``n_pos`` they run on
+    any length. Parameters live in ``self.params[site]``, layer axis first (in the order
+    of ``self.layers``).
+    Build from shapes (``n_layers``, ``d_model``, ``n_heads``, ``d_head``, ``n_pos``) or
+    from a model with ``for_model``.
+    """
+
+    position_bound: bool = True
+
+    def __init__(
+        self,
+        sites: Sequence[str] = ("attn_out", "mlp_out"),
+        layers: Sequence[int] | None = None,  # None: every layer
+        positions: str | Sequence[int] = "all",  # "all", "last" or a list of ints
+        *,
+        n_layers: int,  # layers of the model
+        d_model: int,
+        n_heads: int | None = None,  # needed for site "z"
+        d_head: int | None = None,  # needed for site "z"
+        n_pos: int | None = None,  # prompt length (position-bound interventions)
+        init_std: float = DEFAULT_INIT_STD,  # std of the Gaussian init (App. A.1)
+        seed: int = 0,  # seeds the init
+    ):
+        super().__init__()
+        self.sites = _check_sites(sites)
+        self.layers = tuple(range(n_layers)) if layers is None else tuple(int(x) for x in layers)
+        if (
+            not self.layers
+            or any(not 0 <= x < n_layers for x in self.layers)
+            or len(set(self.layers)) != len(self.layers)
+        ):
+            raise ValueError(f"layers {layers!r} must be distinct ints in 0..{n_layers - 1}.")
+        if "z" in self.sites and (n_heads is None or d_head is None):
+            raise ValueError("Site 'z' needs n_heads and d_head; pass them or use for_model(model, ...).")
+        self.n_layers, self.d_model, self.n_heads, self.d_head = n_layers, d_model, n_heads, d_head
+        self.n_pos, self.init_std, self.seed = n_pos, init_std, seed
+        self.positions = self._check_positions(positions, n_pos)
+        gen = torch.Generator().manual_seed(seed)
+        self.params = torch.nn.ParameterDict(
+            {s: torch.nn.Parameter(torch.randn(self.param_shape(s), generator=gen) * init_std) for s in self.sites}
+        )
+
+    def _check_positions(self, positions, n_pos):
+        if isinstance(positions, str):
+            if positions not in ("all", "last"):
+                raise ValueError(f"positions={positions!r}: use 'all', 'last' or a list of ints.")
+            if positions == "all" and self.position_bound and n_pos is None:
+                raise ValueError(f"{type(self).__name__} with positions='all' needs n_pos (the prompt length).")
+            return positions
+        pos = tuple(int(p) for p in positions)
+        if not pos or len(set(pos)) != len(pos):
+            raise ValueError(f"positions {positions!r} must be a non-empty list of distinct ints.")
+        if self.position_bound and n_pos is None:
+            raise ValueError(f"{type(self).__name__} with a list of positions needs n_pos (the prompt length).")
+        if n_pos is not None:
+            bad = [p for p in pos if not -n_pos <= p < n_pos]
+            if bad:
+                raise ValueError(f"Positions {bad} are beyond prompts of n_pos={n_pos} tokens (0..{n_pos - 1}).")
+            pos = tuple(p % n_pos for p in pos)
+            if len(set(pos)) != len(pos):
+                raise ValueError(f"positions {positions!r} name the same token twice for n_pos={n_pos}.")
+        return pos
+
+    @classmethod
+    def for_model(cls, model, sites=("attn_out", "mlp_out"), layers=None, positions="all", n_pos=None, **kwargs):
+        """Build for ``model``'s shapes (n_layers, d_model, n_heads, d_head from ``model.cfg``)."""
+        cfg = model.cfg
+        return cls(
+            sites,
+            layers,
+            positions,
+            n_layers=cfg.n_layers,
+            d_model=cfg.d_model,
+            n_heads=cfg.n_heads,
+            d_head=cfg.d_head,
+            n_pos=n_pos,
+            **kwargs,
+        )
+
+    # --- shapes -------------------------------------------------------------------
+    @property
+    def n_sel_pos(self) -> int:
+        """Number of positions this intervention holds parameters for."""
+        if self.positions == "all":
+            return self.n_pos
+        return 1 if self.positions == "last" else len(self.positions)
+
+    def site_tail(self, site: str) -> tuple[int, ...]:
+        """Shape of one position's activation at ``site``: (d_model,) or (n_heads, d_head)."""
+        return (self.n_heads, self.d_head) if site == "z" else (self.d_model,)
+
+    def param_shape(self, site: str) -> tuple[int, ...]:
+        """Shape of ``site``'s parameter tensor (set by the subclass)."""
+        raise NotImplementedError
+
+    @property
+    def n_params(self) -> int:
+        """Number of learnable parameters |vec(theta)|."""
+        return sum(p.numel() for p in self.params.values())
+
+    # --- running ------------------------------------------------------------------
+    def edit(
+        self, site: str, li: int, h: Float[Tensor, "batch pos *tail"], beta: Float[Tensor, " batch"]
+    ) -> Float[Tensor, "batch pos *tail"]:
+        """h~ for the selected positions: h (batch, pos_sel, *tail), beta (batch,)."""
+        raise NotImplementedError
+
+    def _pos_index(self, n: int, device) -> Tensor | None:
+        if self.position_bound and self.n_pos is not None and n != self.n_pos:
+            raise ValueError(
+                f"{type(self).__name__} was built for prompts of {self.n_pos} tokens, got {n}: its parameters "
+                "are tied to positions. Use prompts of that length, or DynScalar for any length."
+            )
+        if self.positions == "all":
+            return None
+        pos = [n - 1] if self.positions == "last" else list(self.positions)
+        bad = [p for p in pos if not -n <= p < n]
+        if bad:
+            raise ValueError(f"Positions {bad} are beyond this prompt of {n} tokens.")
+        return torch.tensor([p % n for p in pos], device=device)
+
+    def _hook(self, site: str, li: int, beta):
+        def fn(x: Tensor, hook) -> Tensor:
+            b = torch.as_tensor(beta, dtype=x.dtype, device=x.device)
+            if b.ndim == 0:
+                b = b.expand(x.shape[0])
+            elif b.shape != (x.shape[0],):
+                raise ValueError(
+                    f"beta has shape {tuple(b.shape)}; expected a scalar or ({x.shape[0]},), one per prompt."
+                )
+            idx = self._pos_index(x.shape[1], x.device)
+            if idx is None:
+                return self.edit(site, li, x, b)  # (B, T, *tail)
+            return x.index_copy(1, idx, self.edit(site, li, x[:, idx], b))
+
+        return fn
+
+    def check_model(self, model) -> None:
+        """ValueError unless ``model`` has the shapes this intervention was built for."""
+        cfg = model.cfg
+        want = {"n_layers": self.n_layers, "d_model": self.d_model}
+        if "z" in self.sites:
+            want.update(n_heads=self.n_heads, d_head=self.d_head)
+        bad = {k: (v, getattr(cfg, k)) for k, v in want.items() if getattr(cfg, k) != v}
+        if bad:
+            raise ValueError(f"Model shapes differ from this intervention's (built, model): {bad}.")
+
+    @contextlib.contextmanager
+    def apply(
+        self, model, beta: float | int | Float[Tensor, "*b"] = 1.0, *, check_fired: bool = True
+    ) -> Iterator[dict[str, int]]:
+        """Run ``model`` steered at strength ``beta`` (a float or one per prompt) inside the block.
+
+        Hooks are scoped and checked by ``mechsteer.sites.hooked``; yields its call counts.
+        """
+        if isinstance(beta, Tensor) and beta.ndim > 1:
+            raise ValueError(f"beta has shape {tuple(beta.shape)}; expected a scalar or (batch,).")
+        self.check_model(model)
+        hooks = [
+            (hook_name(s, l, model), self._hook(s, li, beta)) for s in self.sites for li, l in enumerate(self.layers)
+        ]
+        with hooked(model, hooks, check_fired=check_fired) as calls:
+            yield calls
+
+    def forward(
+        self, model, tokens: Int[Tensor, "batch pos"], beta: float | int | Float[Tensor, "*b"] = 1.0
+    ) -> Float[Tensor, "batch pos vocab"]:
+        """Logits f~^beta(x) of ``model`` on ``tokens`` under this intervention."""
+        with self.apply(model, beta):
+            return model(tokens)
+
+    def extra_repr(self) -> str:
+        return f"sites={self.sites}, layers={self.layers}, positions={self.positions!r}, n_pos={self.n_pos}, n_params={self.n_params}"
+
+
+def steer(model, intervention: Intervention, beta: float | int | Float[Tensor, "*b"] = 1.0):
+    """Context manager: run ``model`` with ``intervention`` at strength ``beta``."""
+    return intervention.apply(model, beta)
+
+
+def plus_minus_batch(tokens: Int[Tensor, "batch pos"]) -> tuple[Int[Tensor, "batch2 pos"], Float[Tensor, " batch2"]]:
+    """Stack the prompts twice with beta = [+1]*B + [-1]*B, for one pass per training step.
+
+    >>> toks, beta = plus_minus_batch(torch.zeros(2, 3, dtype=torch.long))
+    >>> toks.shape, beta.tolist()
+    (torch.Size([4, 3]), [1.0, 1.0, -1.0, -1.0])
+    """
+    b = tokens.shape[0]
+    beta = torch.cat([torch.ones(b), -torch.ones(b)]).to(tokens.device)
+    return torch.cat([tokens, tokens]), beta

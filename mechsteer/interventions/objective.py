@@ -1,0 +1,119 @@
+"""The three-term objective for learning interventions (seed paper 003, Sec. 3.3).
+
+With f~+ / f~- the intervened last-position logits at beta = +1 / -1, f the clean logits,
+c_n / w_n the correct / wrong answer tokens and N prompts:
+
+- Effectiveness (Eq. 6): E_m = -(1/N) sum_n [ max(0, f~+_{w_n} - f~+_{c_n} + m)
+  + max(0, f~-_{c_n} - f~-_{w_n} + m) ]: beta = +1 makes c win by margin m, beta = -1
+  makes w win. E_0 (m = 0) is the evaluation metric; 0 means every answer flips.
+- Faithfulness (Eq. 7): F = -(1/N) sum_n [ KL(softmax(f~+) || softmax(f))
+  + KL(softmax(f~-) || softmax(f)) ] over the full vocabulary; other tokens stay put.
+- Minimality (Eq. 8, p = 1): M_1 = -||vec(theta)||_1.
+- Psi (Eq. 9) = E_m + lambda_F F + lambda_M M_1, to be maximised.
+
+All three terms are <= 0 and 0 is best. The clean logits carry no gradient
+(``clean_last_logits`` computes them once under ``torch.no_grad``).
+
+>>> import torch
+>>> f = torch.tensor([[2.0, 0.0, 1.0]])
+>>> t = objective(f, f.flip(-1), f, torch.tensor([0]), torch.tensor([2]), [torch.ones(3)], margin=1.0)
+>>> t.effectiveness.item(), round(t.faithfulness.item(), 3), t.minimality.item()
+(-0.0, -0.421, -3.0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechsteer.interventions.base import Intervention, plus_minus_batch
+
+
+def effectiveness(
+    logits_plus: Float[Tensor, "batch vocab"],
+    logits_minus: Float[Tensor, "batch vocab"],
+    correct: Int[Tensor, " batch"],
+    wrong: Int[Tensor, " batch"],
+    margin: float = 0.0,
+) -> Float[Tensor, ""]:
+    """E_m (Eq. 6): minus the mean hinge on the logit differences at beta = +1 and -1."""
+    if margin < 0:
+        raise ValueError(f"margin m must be >= 0, got {margin}.")
+    pick = lambda f, ids: f.gather(-1, ids.view(-1, 1)).squeeze(-1)
+    plus = torch.relu(pick(logits_plus, wrong) - pick(logits_plus, correct) + margin)
+    minus = torch.relu(pick(logits_minus, correct) - pick(logits_minus, wrong) + margin)
+    return -(plus + minus).mean()
+
+
+def _kl(logits_p: Tensor, log_q: Tensor) -> Tensor:
+    log_p = torch.log_softmax(logits_p, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)  # (N,)
+
+
+def faithfulness(
+    logits_plus: Float[Tensor, "batch vocab"],
+    logits_minus: Float[Tensor, "batch vocab"],
+    clean_logits: Float[Tensor, "batch vocab"],
+) -> Float[Tensor, ""]:
+    """F (Eq. 7): minus the mean of KL(sigma(f~+) || sigma(f)) + KL(sigma(f~-) || sigma(f))."""
+    log_q = torch.log_softmax(clean_logits.detach(), dim=-1)
+    return -(_kl(logits_plus, log_q) + _kl(logits_minus, log_q)).mean()
+
+
+def minimality(theta: Intervention | Sequence[Tensor]) -> Float[Tensor, ""]:
+    """M_1 (Eq. 8): -||vec(theta)||_1 over an intervention's parameters (or given tensors)."""
+    params = list(theta.parameters()) if isinstance(theta, Intervention) else list(theta)
+    if not params:
+        raise ValueError("minimality got no parameters.")
+    return -sum(p.abs().sum() for p in params)
+
+
+@dataclass(frozen=True)
+class ObjectiveTerms:
+    """E_m, F, M_1 and Psi = E_m + lambda_F F + lambda_M M_1 (0-d tensors; all <= 0)."""
+
+    psi: Tensor
+    effectiveness: Tensor
+    faithfulness: Tensor
+    minimality: Tensor
+
+
+def objective(
+    logits_plus: Float[Tensor, "batch vocab"],
+    logits_minus: Float[Tensor, "batch vocab"],
+    clean_logits: Float[Tensor, "batch vocab"],
+    correct: Int[Tensor, " batch"],
+    wrong: Int[Tensor, " batch"],
+    theta: Intervention | Sequence[Tensor],
+    *,
+    margin: float = 0.0,  # m in Eq. 6
+    lambda_f: float = 1.0,  # lambda_F in Eq. 9
+    lambda_m: float = 0.0,  # lambda_M in Eq. 9
+) -> ObjectiveTerms:
+    """Psi (Eq. 9) and its three terms; maximise ``.psi`` (minimise ``-psi``)."""
+    if lambda_f < 0 or lambda_m < 0:
+        raise ValueError(f"lambda_F and lambda_M must be >= 0, got {lambda_f}, {lambda_m}.")
+    e = effectiveness(logits_plus, logits_minus, correct, wrong, margin)
+    f = faithfulness(logits_plus, logits_minus, clean_logits)
+    m = minimality(theta)
+    return ObjectiveTerms(psi=e + lambda_f * f + lambda_m * m, effectiveness=e, faithfulness=f, minimality=m)
+
+
+@torch.no_grad()
+def clean_last_logits(model, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch vocab"]:
+    """Clean logits f(x_n) at the last position, without gradient (compute once per dataset)."""
+    return model(tokens)[:, -1]
+
+
+def plus_minus_logits(
+    model, intervention: Intervention, tokens: Int[Tensor, "batch pos"]
+) -> tuple[Float[Tensor, "batch vocab"], Float[Tensor, "batch vocab"]]:
+    """(f~+, f~-) at the last position from ONE forward pass of the prompts stacked twice."""
+    both, beta = plus_minus_batch(tokens)
+    logits = intervention(model, both, beta)[:, -1]  # (2B, V)
+    b = tokens.shape[0]
+    return logits[:b], logits[b:]
