@@ -19,14 +19,12 @@ the medians. Cases:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 
-from _common import machine_info, write_result
+from _common import load, machine_info, parse_args, write_result
 
-import mechsteer
 from mechsteer.attribution._common import plain_forward_seconds
 from mechsteer.attribution.atp import attribution_patching, attribution_patching_all
 from mechsteer.attribution.dla import direct_logit_attribution, dla_terms
@@ -51,20 +49,8 @@ def time_cases(cases: dict, reps: int, warmup: int = 1) -> dict[str, list[float]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2",
-                    help="embedded SmolLM2-135M (default) or the tiny random llama for a quick check")
-    ap.add_argument("--n", type=int, default=16, help="IOI prompts in the batch")
-    ap.add_argument("--reps", type=int, default=3, help="timed repetitions per case (median reported)")
-    ap.add_argument("--out", default="benchmarks/results/atp_dla.json", help="JSON results path")
-    args = ap.parse_args()
-
-    if args.model == "tiny":
-        from mechsteer.tiny import tiny_model
-
-        model = tiny_model("llama")
-    else:
-        model = mechsteer.load_model()
+    args = parse_args(__doc__, "atp_dla", n=16, reps=3)
+    model = load(args.model)
     ds = ioi(model, n=args.n)
 
     cases = {"plain": lambda: plain_forward_seconds(model, ds.tokens, repeats=1)}

@@ -17,15 +17,13 @@ disturbed by other processes on a shared machine.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
-from _common import machine_info, write_result
+from _common import load, machine_info, parse_args, write_result
 
-import mechsteer
 from mechsteer.sites import hook_name, hooked
 from mechsteer.tasks import ioi
 
@@ -50,20 +48,8 @@ def time_cases(cases: dict, reps: int, warmup: int = 2) -> dict[str, dict[str, l
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=["embedded", "tiny"], default="embedded",
-                    help="embedded SmolLM2-135M (default) or the tiny random llama for a quick check")
-    ap.add_argument("--n", type=int, default=32, help="IOI prompts in the batch")
-    ap.add_argument("--reps", type=int, default=5, help="timed repetitions per case (median reported)")
-    ap.add_argument("--out", default="benchmarks/results/hooks.json", help="JSON results path")
-    args = ap.parse_args()
-
-    if args.model == "tiny":
-        from mechsteer.tiny import tiny_model
-
-        model = tiny_model("llama")
-    else:
-        model = mechsteer.load_model()
+    args = parse_args(__doc__, "hooks", n=32, reps=5)
+    model = load(args.model)
     tokens = ioi(model, n=args.n).tokens
     names = [hook_name(s, l) for l in range(model.cfg.n_layers) for s in ("attn_out", "mlp_out")]
     cache: dict[str, torch.Tensor] = {}

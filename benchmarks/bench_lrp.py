@@ -23,15 +23,13 @@ the median per prompt), and the same for the raw correct-answer logit.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
-from _common import machine_info, write_result
+from _common import load, machine_info, parse_args, write_result
 
-import mechsteer
 from mechsteer.attribution._common import plain_forward_seconds
 from mechsteer.attribution.lrp import attnlrp
 from mechsteer.tasks import ioi
@@ -46,20 +44,8 @@ def conservation(out) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2",
-                    help="embedded SmolLM2-135M (default) or the tiny random llama for a quick check")
-    ap.add_argument("--n", type=int, default=16, help="IOI prompts in the batch (one pass)")
-    ap.add_argument("--reps", type=int, default=3, help="timed repetitions per case (median reported)")
-    ap.add_argument("--out", default="benchmarks/results/lrp.json", help="JSON results path")
-    args = ap.parse_args()
-
-    if args.model == "tiny":
-        from mechsteer.tiny import tiny_model
-
-        model = tiny_model("llama")
-    else:
-        model = mechsteer.load_model()
+    args = parse_args(__doc__, "lrp", n=16, reps=3)
+    model = load(args.model)
     ds = ioi(model, n=args.n)
     kw = dict(readout=("input", "sites", "heads"), batch_size=args.n, progress=False, per_prompt=True)
     outs = {name: attnlrp(model, ds, **kw, **case) for name, case in CASES.items()}  # warm-up
