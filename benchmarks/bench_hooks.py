@@ -9,8 +9,9 @@ cases interleaved in each repetition) of:
   ``attn_out`` and ``mlp_out``;
 - cache: the same hooks, each storing ``x.detach()`` in a dict.
 
-Wall time is the figure; CPU time (``process_time``) is recorded too, as it is less
-disturbed by other processes on a shared machine.
+Wall time is the figure. CPU time (``process_time``, all threads) is recorded too: about
+threads x wall when the cores are free, and inflated (spinning threads) when they are not,
+so it shows whether other processes disturbed a run.
 
     python benchmarks/bench_hooks.py [--model tiny] [--out benchmarks/results/hooks.json]
 """
@@ -32,7 +33,7 @@ def time_cases(cases: dict, reps: int, warmup: int = 2) -> dict[str, dict[str, l
     """Warm up each case, then time them round-robin (so drift hits all cases alike).
 
     Records wall time (``perf_counter``) and this process's CPU time (``process_time``,
-    all threads), which is less disturbed by other processes on a shared machine.
+    all threads).
     """
     for fn in cases.values():
         for _ in range(warmup):

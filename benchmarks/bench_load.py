@@ -9,7 +9,7 @@ Each load runs in a fresh subprocess (``import mechsteer`` + ``mechsteer.load_mo
 
 Each row reports the load time (inside the subprocess), the whole subprocess wall time
 (interpreter start and imports included) and its CPU time (user + system, all threads;
-less disturbed by other processes on a shared machine); ratios are to the warm load of
+about equal to the wall time when the cores are free); ratios are to the warm load of
 the same run.
 
     python benchmarks/bench_load.py [--out benchmarks/results/load.json]
