@@ -1,5 +1,6 @@
-"""Learnable interventions (seed paper 003): ActivScalar, SteerVec, DynScalar and the
-three-term objective Psi = E_m + lambda_F F + lambda_M M_1."""
+"""Learnable interventions (seed paper 003): ActivScalar, SteerVec, DynScalar, the
+three-term objective Psi = E_m + lambda_F F + lambda_M M_1, training with Adam and the
+Sec. 3.4 evaluation."""
 
 from mechsteer.interventions.base import (
     ALLOWED_SITES,
@@ -18,9 +19,25 @@ from mechsteer.interventions.objective import (
 )
 from mechsteer.interventions.scalars import ActivScalar, DynScalar
 from mechsteer.interventions.vectors import SteerVec
+from mechsteer.interventions.evaluate import (  # noqa: E402 (after objective, which it uses)
+    NEGLIGIBLE,
+    active_locations,
+    evaluate,
+    evaluate_splits,
+    minimality_count,
+)
+from mechsteer.interventions.train import HISTORY_COLUMNS, TrainConfig, train
 
 __all__ = [
     "ALLOWED_SITES",
+    "HISTORY_COLUMNS",
+    "NEGLIGIBLE",
+    "TrainConfig",
+    "active_locations",
+    "evaluate",
+    "evaluate_splits",
+    "minimality_count",
+    "train",
     "ActivScalar",
     "DynScalar",
     "Intervention",

@@ -1,0 +1,104 @@
+"""Evaluating a learned intervention (seed paper 003, Sec. 3.4).
+
+Three measures, each on a dataset split (train or test):
+
+- Effectiveness E_0: Eq. 6 with margin m = 0, in (-inf, 0]. E_0 = 0 means beta = +1 always
+  makes the correct answer win and beta = -1 always makes the wrong one win.
+- Faithfulness F: Eq. 7 unchanged, in (-inf, 0]; 0 means the full next-token distribution
+  at the last position is untouched at beta = +1 and -1.
+- Minimality: the number of non-negligible parameters, |theta_j| > 0.01 (the paper's
+  threshold). For SteerVec also the number of locations (site, layer, pos[, head]) whose
+  vector has any such element, since one location costs d_model parameters there.
+
+Plus ``n_params`` = |vec(theta)|. A zero-initialised intervention is the identity, so it
+scores F = 0 and E_0 equal to the unsteered hinge (the model's own errors count once
+for beta = +1, its correct answers once for beta = -1).
+
+>>> from mechsteer.interventions import ActivScalar
+>>> from mechsteer.tasks import ccc
+>>> from mechsteer.tiny import tiny_model
+>>> model = tiny_model("gpt2")
+>>> ds = ccc(model, n=4)
+>>> iv = ActivScalar.for_model(model, sites=["attn_out"], n_pos=ds.n_pos)
+>>> r = evaluate(model, iv, ds)
+>>> sorted(r), r["minimality"], r["n_params"] == 2 * ds.n_pos
+(['effectiveness', 'faithfulness', 'minimality', 'n_params'], 0, True)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mechsteer.interventions.base import Intervention
+from mechsteer.interventions.objective import (
+    clean_last_logits,
+    effectiveness,
+    faithfulness,
+    plus_minus_logits,
+)
+from mechsteer.interventions.vectors import SteerVec
+
+NEGLIGIBLE = 0.01  # Sec. 3.4: parameters with |value| <= 0.01 count as zero
+
+
+def minimality_count(intervention: Intervention, threshold: float = NEGLIGIBLE) -> int:
+    """Number of parameters with |value| > ``threshold`` (Sec. 3.4's minimality)."""
+    return int(sum((p.detach().abs() > threshold).sum().item() for p in intervention.params.values()))
+
+
+def active_locations(intervention: SteerVec, threshold: float = NEGLIGIBLE) -> int:
+    """SteerVec: number of locations whose vector v has any |element| > ``threshold``.
+
+    A location is (site, layer, pos), or (site, layer, pos, head) for per-head ``z``: every
+    axis of the parameter tensor but the last (d_model or d_head).
+    """
+    if not isinstance(intervention, SteerVec):
+        raise TypeError(f"active_locations counts SteerVec vectors; got {type(intervention).__name__}.")
+    return int(sum((p.detach().abs() > threshold).any(-1).sum().item() for p in intervention.params.values()))
+
+
+@torch.no_grad()
+def evaluate(model, intervention: Intervention, ds, batch_size: int = 32) -> dict[str, float | int]:
+    """E_0, F, minimality (count of |theta| > 0.01) and n_params of ``intervention`` on ``ds``.
+
+    SteerVec results also hold ``n_locations``: locations with a non-negligible vector.
+    E_0 and F are means over all prompts of ``ds`` (batched; exact for any batch size).
+    """
+    if not isinstance(intervention, Intervention):
+        raise TypeError(f"intervention must be a mechsteer Intervention, got {type(intervention).__name__}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    n = ds.tokens.shape[0]
+    if n == 0:
+        raise ValueError("ds is empty: nothing to evaluate.")
+    intervention.check_model(model)
+    device = next(model.parameters()).device
+    intervention.to(device)
+    tokens, correct, wrong = (t.to(device) for t in (ds.tokens, ds.correct, ds.wrong))
+    e_sum = f_sum = 0.0
+    for i in range(0, n, batch_size):
+        sl = slice(i, i + batch_size)
+        b = tokens[sl].shape[0]
+        clean = clean_last_logits(model, tokens[sl])
+        f_plus, f_minus = plus_minus_logits(model, intervention, tokens[sl])  # one pass, beta = +1 / -1
+        e_sum += effectiveness(f_plus, f_minus, correct[sl], wrong[sl], margin=0.0).item() * b
+        f_sum += faithfulness(f_plus, f_minus, clean).item() * b
+    out: dict[str, float | int] = {
+        "effectiveness": e_sum / n,
+        "faithfulness": f_sum / n,
+        "minimality": minimality_count(intervention),
+        "n_params": intervention.n_params,
+    }
+    if isinstance(intervention, SteerVec):
+        out["n_locations"] = active_locations(intervention)
+    return out
+
+
+def evaluate_splits(
+    model, intervention: Intervention, train_ds, test_ds, batch_size: int = 32
+) -> dict[str, dict[str, float | int]]:
+    """``evaluate`` on both splits: ``{"train": {...}, "test": {...}}``."""
+    return {
+        "train": evaluate(model, intervention, train_ds, batch_size),
+        "test": evaluate(model, intervention, test_ds, batch_size),
+    }
