@@ -77,3 +77,24 @@ def test_gemma3_loads_offline():
     assert model.cfg.n_key_value_heads == 1
     ds = ioi(model, n=8)
     assert len(ds) == 8
+
+
+def test_trained_activ_scalar_flips_the_answer_with_the_sign_of_beta(smollm2):
+    """Seed 003's premise on a small CCC set: after training, beta = +1 makes the correct
+    (real) capital win, beta = -1 the in-context one, and beta = 0 is the model itself."""
+    from mechsteer.interventions import ActivScalar
+    from mechsteer.interventions.train import TrainConfig, train
+
+    ds = ccc(smollm2, n=8)
+    iv = ActivScalar.for_model(smollm2, sites=["attn_out", "mlp_out"], n_pos=ds.n_pos)
+    train(smollm2, iv, ds, TrainConfig(epochs=8, batch_size=8, lr=1e-2, progress=False))
+    diffs = {}
+    with torch.no_grad():
+        for beta in (1.0, 0.0, -1.0):
+            with iv.apply(smollm2, beta):
+                diffs[beta] = logit_diff(smollm2(ds.tokens), ds.correct, ds.wrong, reduce="none")
+        plain = logit_diff(smollm2(ds.tokens), ds.correct, ds.wrong, reduce="none")
+    assert torch.equal(diffs[0.0], plain)
+    assert (diffs[1.0] > 0).float().mean() >= 0.75
+    assert (diffs[-1.0] < 0).all()
+    assert diffs[1.0].mean() > diffs[0.0].mean() > diffs[-1.0].mean()
