@@ -27,8 +27,16 @@ from mechsteer.interventions.evaluate import (  # noqa: E402 (after objective, w
     minimality_count,
 )
 from mechsteer.interventions.train import HISTORY_COLUMNS, TrainConfig, train
+from mechsteer.interventions.io import KINDS, load_intervention, read_metadata, save_intervention
+from mechsteer.interventions.generate import compare_generations, steered_generate
 
 __all__ = [
+    "KINDS",
+    "compare_generations",
+    "load_intervention",
+    "read_metadata",
+    "save_intervention",
+    "steered_generate",
     "ALLOWED_SITES",
     "HISTORY_COLUMNS",
     "NEGLIGIBLE",

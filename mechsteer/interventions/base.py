@@ -18,6 +18,21 @@ Hooks return a new tensor (TransformerLens style) and run through ``mechsteer.si
 so they are removed on every exit path and must all fire. ``resid_mid`` is refused: on the
 bridge its hook is ``ln2.hook_in``, where returning a new tensor does not patch the residual.
 
+Generation. ``model.generate`` on the bridge calls the model once per new token: first on
+the whole prompt, then, with ``use_past_kv_cache=True`` (its default), on the one newest
+token (the hooks see seq length 1), or, with ``use_past_kv_cache=False``, on the whole
+sequence so far (lengths n, n+1, ...). Steer it inside ``apply(model, beta,
+generation=True)``; there position-bound interventions (ActivScalar, SteerVec) steer the
+PROMPT's positions: the first forward must have n_pos tokens, later cached one-token
+steps are left unsteered, and uncached reruns steer positions [0, n) of the prompt again
+("last" = the prompt's last token). Cached and uncached generation thus run the same
+steered model. DynScalar with ``positions="all"`` steers every position, generated ones
+included; with "last" or a list it steers those positions of the prompt. Outside
+``generation=True`` the strict rule stays: a position-bound intervention refuses a
+forward of any other length. Use one ``with`` block per ``generate`` call (a block tells a
+new prompt from a generation step by its length; a one-token prompt after a cached
+generation in the same block would pass for a cached step).
+
 >>> from mechsteer.interventions import ActivScalar
 >>> from mechsteer.tiny import tiny_model
 >>> model = tiny_model("gpt2")
@@ -26,6 +41,10 @@ bridge its hook is ``ln2.hook_in``, where returning a new tensor does not patch 
 >>> with iv.apply(model, beta=0.0):
 ...     logits = model(tokens)
 >>> bool((logits == model(tokens)).all())
+True
+>>> with iv.apply(model, beta=0.0, generation=True):
+...     text = model.generate("The capital of France is", max_new_tokens=3, do_sample=False, verbose=False)
+>>> text == model.generate("The capital of France is", max_new_tokens=3, do_sample=False, verbose=False)
 True
 """
 
@@ -193,7 +212,32 @@ class Intervention(torch.nn.Module):
             raise ValueError(f"Positions {bad} are beyond this prompt of {n} tokens.")
         return torch.tensor([p % n for p in pos], device=device)
 
-    def _hook(self, site: str, li: int, beta):
+    def _steer(self, site: str, li: int, x: Tensor, b: Tensor) -> Tensor:
+        idx = self._pos_index(x.shape[1], x.device)
+        if idx is None:
+            return self.edit(site, li, x, b)  # (B, T, *tail)
+        return x.index_copy(1, idx, self.edit(site, li, x[:, idx], b))
+
+    def _generation_step(self, state: dict, n: int) -> str:
+        """Classify a forward of ``n`` tokens in a generation: "prompt", "cached" or "rerun"."""
+        prompt, last = state.get("prompt"), state.get("last")
+        state["last"] = n
+        if prompt is not None and n == 1 and last in (1, prompt):
+            return "cached"  # KV cache: one new token
+        if prompt is not None and last is not None and last >= prompt and n == last + 1:
+            return "rerun"  # no KV cache: the whole sequence again, one token longer
+        if self.position_bound and self.n_pos is not None and n != self.n_pos:
+            raise ValueError(
+                f"{type(self).__name__} was built for prompts of {self.n_pos} tokens, got a generation prompt "
+                f"of {n}: the first forward of generate() is the prompt and must have n_pos tokens. Use such "
+                "a prompt, or DynScalar for any length."
+            )
+        state["prompt"] = n
+        return "prompt"
+
+    def _hook(self, site: str, li: int, beta, generation: bool = False):
+        state: dict[str, int] = {}  # generation: prompt length and last forward's length
+
         def fn(x: Tensor, hook) -> Tensor:
             b = torch.as_tensor(beta, dtype=x.dtype, device=x.device)
             if b.ndim == 0:
@@ -202,10 +246,17 @@ class Intervention(torch.nn.Module):
                 raise ValueError(
                     f"beta has shape {tuple(b.shape)}; expected a scalar or ({x.shape[0]},), one per prompt."
                 )
-            idx = self._pos_index(x.shape[1], x.device)
-            if idx is None:
-                return self.edit(site, li, x, b)  # (B, T, *tail)
-            return x.index_copy(1, idx, self.edit(site, li, x[:, idx], b))
+            if not generation:
+                return self._steer(site, li, x, b)
+            step = self._generation_step(state, x.shape[1])
+            if step == "prompt":
+                return self._steer(site, li, x, b)
+            if not self.position_bound and self.positions == "all":
+                return self.edit(site, li, x, b)  # DynScalar: every token, generated ones too
+            if step == "cached":
+                return x
+            n = state["prompt"]  # rerun: steer the prompt's positions again
+            return torch.cat([self._steer(site, li, x[:, :n], b), x[:, n:]], dim=1)
 
         return fn
 
@@ -221,17 +272,26 @@ class Intervention(torch.nn.Module):
 
     @contextlib.contextmanager
     def apply(
-        self, model, beta: float | int | Float[Tensor, "*b"] = 1.0, *, check_fired: bool = True
+        self,
+        model,
+        beta: float | int | Float[Tensor, "*b"] = 1.0,
+        *,
+        check_fired: bool = True,
+        generation: bool = False,
     ) -> Iterator[dict[str, int]]:
         """Run ``model`` steered at strength ``beta`` (a float or one per prompt) inside the block.
 
-        Hooks are scoped and checked by ``mechsteer.sites.hooked``; yields its call counts.
+        ``generation=True`` for ``model.generate`` (see the module docstring: position-bound
+        interventions steer the prompt, DynScalar every token). Hooks are scoped and checked
+        by ``mechsteer.sites.hooked``; yields its call counts.
         """
         if isinstance(beta, Tensor) and beta.ndim > 1:
             raise ValueError(f"beta has shape {tuple(beta.shape)}; expected a scalar or (batch,).")
         self.check_model(model)
         hooks = [
-            (hook_name(s, l, model), self._hook(s, li, beta)) for s in self.sites for li, l in enumerate(self.layers)
+            (hook_name(s, l, model), self._hook(s, li, beta, generation))
+            for s in self.sites
+            for li, l in enumerate(self.layers)
         ]
         with hooked(model, hooks, check_fired=check_fired) as calls:
             yield calls
@@ -247,9 +307,12 @@ class Intervention(torch.nn.Module):
         return f"sites={self.sites}, layers={self.layers}, positions={self.positions!r}, n_pos={self.n_pos}, n_params={self.n_params}"
 
 
-def steer(model, intervention: Intervention, beta: float | int | Float[Tensor, "*b"] = 1.0):
-    """Context manager: run ``model`` with ``intervention`` at strength ``beta``."""
-    return intervention.apply(model, beta)
+def steer(
+    model, intervention: Intervention, beta: float | int | Float[Tensor, "*b"] = 1.0, *, generation: bool = False
+):
+    """Context manager: run ``model`` with ``intervention`` at strength ``beta``
+    (``generation=True`` around ``model.generate``)."""
+    return intervention.apply(model, beta, generation=generation)
 
 
 def plus_minus_batch(tokens: Int[Tensor, "batch pos"]) -> tuple[Int[Tensor, "batch2 pos"], Float[Tensor, " batch2"]]:
