@@ -179,3 +179,41 @@ def attribution_section(suites: list) -> Section:
             parts.append(f"<h4>{grid}: agreement (Spearman / top-{cmp.k} Jaccard)</h4>")
             parts.append(table_html(cmp.pairs.round(3), index=False))
     return Section(key="attribution", title="Attribution methods", parts=parts, summary=summary)
+
+
+def fv_section(run) -> Section:
+    """Function vectors (paper 000): head scores of AIE, AttnLRP and AtP side by side with
+    their top-k overlap, zero-shot accuracy of FV and DFV per selection method, the FV
+    layer sweep, samples per minute, and a steered continuation."""
+    from mechsteer.attribution.compare import compare
+    from mechsteer.fv.plots import accuracy_figure, sweep_figure
+
+    cfg = run.config
+    names = list(run.global_scores)
+    cmp = compare([run.global_scores[m] for m in names], k=cfg.k, names=names,
+                  title=f"Global head scores over {len(run.tasks)} tasks (top-{cfg.k} overlap below)")
+    glob, task = run.accuracy_table("global"), run.accuracy_table("task")
+    acc = glob.merge(task, on="name", how="left", suffixes=("", " (per-task heads)"))
+    spm = pd.DataFrame({"samples / minute": run.samples_per_minute}).round(2)
+    used = pd.DataFrame([{"task": t, "instructions": d.instructions, "accuracy with instruction": round(d.accuracy, 3),
+                          "mean_z prompts": len(d.clean), "scored": len(d.scored), "test": len(d.test)}
+                         for t, d in run.tasks.items()])
+    parts = [
+        f"<p>{len(run.tasks)} tasks pass the filter; top-{cfg.k} heads per method, FV layer per method "
+        f"<code>{html.escape(str(run.fv_layer))}</code>, DFV re-injects each head's mean at its own hook_z.</p>",
+        table_html(used, index=False),
+        cmp.figure,
+        table_html(cmp.pairs.round(3), index=False),
+        "<h3>Zero-shot accuracy on held-out inputs (mean over tasks)</h3>",
+        table_html(acc.round(3), index=False),
+        accuracy_figure(run.accuracy),
+    ]
+    if len(run.sweep):
+        parts.append(sweep_figure(run.sweep))
+    parts += ["<h3>Cost of head selection</h3>", table_html(spm)]
+    if run.example is not None:
+        parts += ["<h3>Steered continuation (every generated token steered, as in paper 000 Table 2)</h3>",
+                  table_html(run.example[["name", "prompt", "text"]], index=False)]
+    summary = run.summary()
+    return Section(key="function_vectors", title="Function vectors: head selection and injection", parts=parts,
+                   summary={k: summary[k] for k in ("tasks", "accuracy", "samples_per_minute", "top_heads", "fv_layer")})
