@@ -6,7 +6,8 @@ score reads at a glance and two panels of one comparison share their meaning of 
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
@@ -96,4 +97,116 @@ def facet_heatmaps(panels, *, titles: Sequence[str], title: str = "", zmax: floa
         fig.update_xaxes(title_text=cols, type="category", row=1, col=i)
     fig.update_yaxes(title_text=grids[0][1], type="category", row=1, col=1)
     fig.update_layout(title=title, template="plotly_white", height=max(400, 18 * grids[0][0].shape[0] + 150))
+    return fig
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One heatmap of a ``heatmap_grid``: a 2-D array with its tick labels."""
+
+    z: Any  # 2-D array-like (rows = y_labels)
+    x_labels: Sequence[str]
+    y_labels: Sequence[str]
+    title: str = ""
+    x_title: str = "position"
+    y_title: str = "layer"
+
+
+def heatmap_grid(
+    rows: Sequence[Sequence[Panel | None]],
+    *,
+    title: str = "",
+    row_titles: Sequence[str] | None = None,
+    scale: str = "shared",
+    zmid: float | None = 0.0,
+    zmax: float | Sequence[float] | None = None,
+    colorbar_titles: Sequence[str] | None = None,
+) -> go.Figure:
+    """A grid of heatmaps (rows of ``Panel``s; ``None`` leaves a cell empty).
+
+    Panels may have different axes (e.g. prompts of different lengths: column widths
+    follow the number of x labels). ``scale="shared"``: one colour range over all panels
+    and one colour bar; ``"row"``: one range and colour bar per row (rows of different
+    quantities), and then ``colorbar_titles`` has one title per row. ``zmid=0`` gives a
+    diverging scale centred at zero with a symmetric range ``[-zmax, zmax]`` (``zmax``
+    defaults to the largest |z|, per row with ``"row"``); ``zmid=None`` a sequential one.
+
+    >>> import numpy as np
+    >>> p = Panel(np.ones((2, 3)), ["a", "b", "c"], ["0", "1"], title="attn_out")
+    >>> fig = heatmap_grid([[p, p], [p, None]], scale="row")
+    >>> len(fig.data), fig.data[0].zmax
+    (3, 1.0)
+    """
+    from plotly.subplots import make_subplots
+
+    if scale not in ("shared", "row"):
+        raise ValueError(f"scale must be 'shared' or 'row', got {scale!r}.")
+    rows = [list(r) for r in rows]
+    n_rows, n_cols = len(rows), max((len(r) for r in rows), default=0)
+    if n_cols == 0 or all(p is None for r in rows for p in r):
+        raise ValueError("heatmap_grid got no panels; pass rows holding at least one Panel.")
+    rows = [r + [None] * (n_cols - len(r)) for r in rows]
+    if colorbar_titles is not None and len(colorbar_titles) != (n_rows if scale == "row" else 1):
+        raise ValueError(
+            f"colorbar_titles has {len(colorbar_titles)} entries; give one per row with scale='row', else one."
+        )
+    zs = [[None if p is None else np.asarray(p.z, dtype=float) for p in r] for r in rows]
+    for r in zs:
+        for z in r:
+            if z is not None and z.ndim != 2:
+                raise ValueError(f"Each Panel.z must be 2-D, got shape {z.shape}.")
+
+    def absmax(arrays) -> float:
+        vals = [float(np.nanmax(np.abs(a))) for a in arrays if a is not None and np.isfinite(a).any()]
+        return max(vals, default=0.0) or 1.0
+
+    if zmax is None:
+        ranges = [absmax([z for r in zs for z in r])] * n_rows if scale == "shared" else [absmax(r) for r in zs]
+    elif isinstance(zmax, (int, float)):
+        ranges = [float(zmax)] * n_rows
+    else:
+        ranges = [float(v) for v in zmax]
+        if len(ranges) != n_rows:
+            raise ValueError(f"zmax has {len(ranges)} values for {n_rows} rows; give one per row or one number.")
+    widths = [max((len(r[c].x_labels) for r in rows if r[c] is not None), default=1) for c in range(n_cols)]
+    fig = make_subplots(
+        rows=n_rows,
+        cols=n_cols,
+        subplot_titles=[p.title if p is not None else "" for r in rows for p in r],
+        row_titles=list(row_titles) if row_titles is not None else None,
+        column_widths=[w / sum(widths) for w in widths],
+        horizontal_spacing=min(0.06, 0.5 / max(n_cols - 1, 1)),
+        vertical_spacing=min(0.12, 0.5 / max(n_rows - 1, 1)),
+    )
+    for i, (r, zr) in enumerate(zip(rows, zs)):
+        last_in_row = max(c for c, p in enumerate(r) if p is not None) if any(p is not None for p in r) else -1
+        domain = fig.layout[f"yaxis{'' if i * n_cols + 1 == 1 else i * n_cols + 1}"].domain
+        for c, (p, z) in enumerate(zip(r, zr)):
+            if p is None:
+                continue
+            show = c == last_in_row and (scale == "row" or i == 0)
+            bar = {"title": colorbar_titles[i if scale == "row" else 0] if colorbar_titles else ""}
+            if scale == "row":
+                bar.update(y=(domain[0] + domain[1]) / 2, len=domain[1] - domain[0], yanchor="middle")
+            lo, hi = (-ranges[i], ranges[i]) if zmid is not None else (None, None)
+            fig.add_trace(
+                go.Heatmap(
+                    z=z,
+                    x=list(p.x_labels),
+                    y=list(p.y_labels),
+                    zmid=zmid,
+                    zmin=lo,
+                    zmax=hi,
+                    colorscale="RdBu_r" if zmid is not None else "Viridis",
+                    showscale=show,
+                    colorbar=bar,
+                    hovertemplate=f"{p.title}<br>{p.y_title} %{{y}}<br>{p.x_title} %{{x}}<br>%{{z:.4g}}<extra></extra>",
+                ),
+                row=i + 1,
+                col=c + 1,
+            )
+            fig.update_xaxes(type="category", title_text=p.x_title if i == n_rows - 1 else None, row=i + 1, col=c + 1)
+            fig.update_yaxes(type="category", title_text=p.y_title if c == 0 else None, row=i + 1, col=c + 1)
+    n_y = max((len(p.y_labels) for r in rows for p in r if p is not None), default=1)
+    fig.update_layout(title=title, template="plotly_white", height=n_rows * max(300, 16 * n_y + 120) + 60)
     return fig

@@ -6,18 +6,41 @@ The context asserts a wrong capital, the question asks for the real one:
 
 ``correct`` is the real capital, ``wrong`` the in-context one. The corrupted prompt states
 the true capital, so it has the same token length and an uncontested answer.
+
+``CCC_TEMPLATES`` holds phrasings of different token lengths (index 0 is the one above);
+``template`` picks one or several. Every template sees the same (country, wrong capital)
+pairs, so with one seed the datasets of two templates hold the same facts in the same
+order (whenever the tokenizer keeps the same items, as it does for SmolLM2 and the tiny
+tokenizer), and their train/test splits line up: testing one template's intervention on
+another's test split then changes only the phrasing (seed paper 003, Sec. 5).
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 from mechsteer.tasks.base import Candidate, ContrastiveDataset, build_dataset
-from mechsteer.tasks.data import CCC_EXCLUDE, CCC_TEMPLATE, COUNTRY_CAPITALS
+from mechsteer.tasks.data import CCC_EXCLUDE, CCC_TEMPLATES, COUNTRY_CAPITALS
 
 
-def ccc_candidates(seed: int = 0, per_country: int = 3) -> list[Candidate]:
-    """All CCC candidates: each country paired with ``per_country`` wrong capitals."""
+def _template_indices(template: int | Sequence[int] | None) -> list[int]:
+    if template is None:
+        chosen = list(range(len(CCC_TEMPLATES)))
+    else:
+        chosen = [template] if isinstance(template, int) else list(template)
+    if not chosen:
+        raise ValueError("template is an empty list; give an index, a list of indices or None (all templates).")
+    for t in chosen:
+        if not isinstance(t, int) or not 0 <= t < len(CCC_TEMPLATES):
+            raise ValueError(f"CCC template index {t!r} out of range 0..{len(CCC_TEMPLATES) - 1}.")
+    return chosen
+
+
+def ccc_candidates(seed: int = 0, per_country: int = 3, templates: Sequence[int] = (0,)) -> list[Candidate]:
+    """All CCC candidates: each country paired with ``per_country`` wrong capitals, in
+    each chosen template (indices into ``CCC_TEMPLATES``)."""
+    templates = _template_indices(list(templates))
     rng = random.Random(seed)
     pairs = [(c, k) for c, k in COUNTRY_CAPITALS if k not in CCC_EXCLUDE and c != k]
     capitals = [k for _, k in pairs]
@@ -25,24 +48,31 @@ def ccc_candidates(seed: int = 0, per_country: int = 3) -> list[Candidate]:
     for country, capital in pairs:
         others = [k for k in capitals if k != capital]
         for wrong in rng.sample(others, per_country):
-            out.append(
-                Candidate(
-                    prompt=CCC_TEMPLATE.format(country=country, capital=wrong),
-                    corrupted=CCC_TEMPLATE.format(country=country, capital=capital),
-                    correct=" " + capital,
-                    wrong=" " + wrong,
-                    meta={"country": country, "capital": capital, "in_context": wrong},
+            for t in templates:
+                out.append(
+                    Candidate(
+                        prompt=CCC_TEMPLATES[t].format(country=country, capital=wrong),
+                        corrupted=CCC_TEMPLATES[t].format(country=country, capital=capital),
+                        correct=" " + capital,
+                        wrong=" " + wrong,
+                        meta={"country": country, "capital": capital, "in_context": wrong, "template": t},
+                    )
                 )
-            )
     return out
 
 
-def ccc(model, n: int | None = 64, seed: int = 0) -> ContrastiveDataset:
+def ccc(model, n: int | None = 64, seed: int = 0, template: int | list[int] | None = 0) -> ContrastiveDataset:
     """Build the CCC dataset for ``model``'s tokenizer (``n`` items, or all valid if None).
+
+    ``template`` picks one index into ``CCC_TEMPLATES`` (default 0, the paper's), a list,
+    or None for all; with several, the largest group of equal-length prompts is kept.
 
     >>> from mechsteer.tiny import tiny_model
     >>> ds = ccc(tiny_model("gpt2"), n=8)
     >>> len(ds), ds.tokens.shape[0] == len(ds.correct)
     (8, True)
+    >>> short = ccc(tiny_model("gpt2"), n=8, template=1)
+    >>> short.prompts[0].endswith("? A:"), short.n_pos < ds.n_pos
+    (True, True)
     """
-    return build_dataset("ccc", model, ccc_candidates(seed), n=n, seed=seed)
+    return build_dataset("ccc", model, ccc_candidates(seed, templates=_template_indices(template)), n=n, seed=seed)

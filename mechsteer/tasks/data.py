@@ -114,5 +114,14 @@ IOI_TEMPLATES: list[str] = [
     "While {A} and {B} were at the {place}, {B} passed the {object} to",
 ]
 
-# Country-capital conflict (Stoehr et al., Table 1): the context asserts a wrong capital.
-CCC_TEMPLATE = "The capital of {country} is {capital}. Q: What is the capital of {country}? A:"
+# Country-capital conflict (Stoehr et al., Table 1): the context asserts a wrong capital
+# ({capital}), the question asks for the real one. Index 0 is the paper's template; the
+# others keep the conflict but differ in token length (SmolLM2: 18, 15, 20, 25 tokens;
+# the tiny tokenizer: 19, 18, 26, 37), for transfer across templates (seed paper 003, Sec. 5).
+CCC_TEMPLATES: list[str] = [
+    "The capital of {country} is {capital}. Q: What is the capital of {country}? A:",
+    "The capital of {country} is {capital}. Q: Capital of {country}? A:",
+    "We know the capital of {country} is {capital}. Q: What is the capital of {country}? A:",
+    "According to the text, the capital city of {country} is {capital}. Q: What is the capital city of {country}? A:",
+]
+CCC_TEMPLATE = CCC_TEMPLATES[0]  # alias kept for existing code

@@ -1,0 +1,147 @@
+"""Transfer of learned interventions across prompt templates and tasks (seed paper 003,
+Sec. 5, Table 2, Fig. 6).
+
+``transfer_matrix`` trains one intervention per named dataset (on its train split) and
+evaluates it on every dataset's test split: effectiveness E_0 and faithfulness F
+(Sec. 3.4), rows = the train set, columns = the test set, as in Fig. 6. The diagonal is
+in-distribution; off-diagonal cells measure transfer to another template (another token
+length) or another task.
+
+Position-bound interventions (ActivScalar, SteerVec) hold parameters tied to token
+positions, so they cannot run on prompts of another length: those cells are NaN
+(``runs_on_length``). With ``positions="last"`` and no ``n_pos`` they run on any length.
+DynScalar runs everywhere: that is what it is for.
+
+An optional ``"(none)"`` row holds the unsteered model (f~ = f at beta = +-1): E_0 is
+then the model's own hinge, one error counts at beta = +1 for each prompt it gets wrong
+and one at beta = -1 for each it gets right, and F = 0. Read a trained row against it.
+
+>>> from mechsteer.interventions import DynScalar
+>>> from mechsteer.interventions.train import TrainConfig
+>>> from mechsteer.tasks import ccc
+>>> from mechsteer.tiny import tiny_model
+>>> model = tiny_model("gpt2")
+>>> sets = {"ccc0": ccc(model, n=8), "ccc1": ccc(model, n=8, template=1)}
+>>> make = lambda m, ds: DynScalar.for_model(m, sites=["attn_out"])
+>>> df = transfer_matrix(model, make, sets, TrainConfig(epochs=1, progress=False), progress=False)
+>>> df["effectiveness"].shape, list(df.index)
+((3, 2), ['(none)', 'ccc0', 'ccc1'])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from tqdm.auto import tqdm
+
+from mechsteer.interventions.base import Intervention
+from mechsteer.interventions.evaluate import evaluate
+from mechsteer.interventions.objective import effectiveness
+from mechsteer.interventions.train import TrainConfig, batched_clean_logits, train
+from mechsteer.plots import heatmap
+from mechsteer.tasks.base import ContrastiveDataset
+
+METRICS = ("effectiveness", "faithfulness")
+BASELINE = "(none)"
+
+
+def runs_on_length(intervention: Intervention, n_pos: int) -> bool:
+    """Whether ``intervention`` can run on prompts of ``n_pos`` tokens (position-bound
+    ones only on the length they were built for, unless built without ``n_pos``)."""
+    return not intervention.position_bound or intervention.n_pos is None or intervention.n_pos == n_pos
+
+
+@torch.no_grad()
+def _unsteered(model, ds: ContrastiveDataset, batch_size: int) -> dict[str, float]:
+    """E_0 and F of the identity intervention (f~+ = f~- = f)."""
+    device = next(model.parameters()).device
+    clean = batched_clean_logits(model, ds.tokens.to(device), batch_size)
+    e = effectiveness(clean, clean, ds.correct.to(device), ds.wrong.to(device), margin=0.0)
+    return {"effectiveness": e.item(), "faithfulness": 0.0}
+
+
+def transfer_matrix(
+    model,
+    make_intervention: Callable[[object, ContrastiveDataset], Intervention],
+    datasets: Mapping[str, ContrastiveDataset],
+    config: TrainConfig = TrainConfig(),
+    *,
+    test_fraction: float = 0.25,
+    batch_size: int = 32,
+    baseline: bool = True,
+    return_interventions: bool = False,
+    progress: bool = True,
+) -> pd.DataFrame | tuple[pd.DataFrame, dict[str, Intervention]]:
+    """Train ``make_intervention(model, train_split)`` on each dataset's train split; E_0
+    and F of each on every dataset's test split.
+
+    Returns a DataFrame indexed by train set (``"(none)"`` first when ``baseline``), with
+    columns (metric, test set): ``df["effectiveness"]`` is the Fig. 6 matrix. NaN where a
+    position-bound intervention meets another prompt length. ``return_interventions``
+    also returns the trained interventions by name.
+    """
+    if not datasets:
+        raise ValueError("datasets is empty; pass {name: ContrastiveDataset}, e.g. one per template.")
+    bad = [k for k, v in datasets.items() if not isinstance(v, ContrastiveDataset)]
+    if bad:
+        raise TypeError(f"datasets[{bad[0]!r}] is not a ContrastiveDataset.")
+    if BASELINE in datasets:
+        raise ValueError(f"{BASELINE!r} names the unsteered row; rename that dataset.")
+    splits = {k: v.split(test_fraction) for k, v in datasets.items()}
+    names = list(datasets)
+    rows: dict[str, dict[tuple[str, str], float]] = {}
+    if baseline:
+        rows[BASELINE] = {(m, t): v for t in names for m, v in _unsteered(model, splits[t][1], batch_size).items()}
+    trained: dict[str, Intervention] = {}
+    for name in tqdm(names, desc="transfer", disable=not progress):
+        iv = make_intervention(model, splits[name][0])
+        if not isinstance(iv, Intervention):
+            raise TypeError(f"make_intervention returned {type(iv).__name__}, not a mechsteer Intervention.")
+        train(model, iv, splits[name][0], config)
+        trained[name] = iv
+        rows[name] = {}
+        for t in names:
+            test = splits[t][1]
+            r = evaluate(model, iv, test, batch_size) if runs_on_length(iv, test.n_pos) else {}
+            for m in METRICS:
+                rows[name][(m, t)] = float(r.get(m, np.nan))
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    df.columns = pd.MultiIndex.from_tuples(df.columns, names=["metric", "test"])
+    df = df.reindex(columns=pd.MultiIndex.from_product([METRICS, names], names=["metric", "test"]))
+    df.index.name = "train"
+    return (df, trained) if return_interventions else df
+
+
+def transfer_figure(df: pd.DataFrame, metric: str = "effectiveness", title: str | None = None) -> go.Figure:
+    """Fig. 6: train set (rows) x test set (columns) heatmap of ``metric`` with the values
+    written in each cell; NaN cells (lengths differ) show "n/a". Closer to 0 is better.
+
+    >>> import pandas as pd
+    >>> cols = pd.MultiIndex.from_product([["effectiveness", "faithfulness"], ["a", "b"]])
+    >>> df = pd.DataFrame([[-0.1, float("nan"), 0.0, float("nan")]], index=["a"], columns=cols)
+    >>> list(transfer_figure(df).data[0].text[0])
+    ['-0.1', 'n/a']
+    """
+    if metric not in df.columns.get_level_values(0):
+        raise ValueError(f"df has no metric {metric!r}; it has {sorted(set(df.columns.get_level_values(0)))}.")
+    m = df[metric]
+    z = m.to_numpy(dtype=float)
+    name = {"effectiveness": "E_0", "faithfulness": "F"}.get(metric, metric)
+    fig = heatmap(
+        z,
+        x_labels=list(m.columns),
+        y_labels=list(m.index),
+        x_title="test set",
+        y_title="train set",
+        zmid=None,
+        colorbar_title=name,
+        title=title or f"Transfer: {name} (closer to 0 is better)",
+    )
+    text = [["n/a" if np.isnan(v) else f"{v:.3g}" for v in row] for row in z]
+    fig.update_traces(text=text, texttemplate="%{text}")
+    fig.update_yaxes(autorange="reversed")
+    return fig
