@@ -3,6 +3,8 @@
     mechsteer info                       # model, sizes, sites
     mechsteer tasks --task ccc --n 8     # generated prompts and drop counts
     mechsteer attribute --task ioi --methods patching,atp,dla,attnlrp --n 16 --out DIR
+    mechsteer steer --task ccc --method activ_scalar --sites attn_out,mlp_out --out DIR
+    mechsteer pareto --task ccc --out DIR  # lambda_F x lambda_M x m grid, resumable
     mechsteer demo --out out/demo        # the HTML report on the embedded model
 """
 
@@ -118,6 +120,49 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _train_config(args: argparse.Namespace, **overrides):
+    from mechsteer.interventions.train import TrainConfig
+
+    return TrainConfig(
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, margin=args.margin,
+        lambda_f=args.lambda_f, lambda_m=args.lambda_m, seed=args.seed, **overrides,
+    )
+
+
+def cmd_steer(args: argparse.Namespace) -> int:
+    from mechsteer.interventions.pipeline import method_class, steer_task
+
+    method_class(args.method)  # fail before loading the model
+    model = _load(args.model)
+    _log(f"training {args.method} on {args.task} at {args.sites}")
+    run = steer_task(model, args.task, args.method, _csv(args.sites), n=args.n,
+                     positions=args.positions if args.positions in ("all", "last") else [int(p) for p in _csv(args.positions)],
+                     config=_train_config(args), seed=args.seed)
+    path = run.write(args.out, model)
+    s = run.summary()
+    for split in ("train", "test"):
+        m = s[split]
+        _log(f"{split:<5} E_0={m['effectiveness']:.3f}  F={m['faithfulness']:.3f}  "
+             f"minimality={m['minimality']}/{s['n_params']}")
+    _log(f"wrote {path.parent}/ (intervention/, history.csv, figures.html, summary.json) in {s['seconds']:.0f}s")
+    return 0
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", choices=["ccc", "ioi"], default="ccc")
+    p.add_argument("--n", type=int, default=64, help="prompts (split 3:1 into train and test)")
+    p.add_argument("--epochs", type=int, default=25, help="Adam epochs (App. A.1: 25)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3 scalars, 1e-4 vectors)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--model", default=None, help=_MODEL_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mechsteer", description="Attribution and learned steering on TransformerLens hook points.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -144,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--out", default="out/attribute", help="output directory")
     att.add_argument("--model", default=None, help=_MODEL_HELP)
     att.set_defaults(func=cmd_attribute)
+
+    steer = sub.add_parser("steer", help="train and evaluate one learnable intervention")
+    steer.add_argument("--method", default="activ_scalar", help="activ_scalar, steer_vec or dyn_scalar")
+    steer.add_argument("--sites", default="attn_out,mlp_out", help="comma-separated: attn_out,mlp_out,resid_post,z")
+    steer.add_argument("--positions", default="all", help="all, last, or comma-separated token positions")
+    steer.add_argument("--margin", type=float, default=1.0, help="m in E_m (Eq. 6)")
+    steer.add_argument("--lambda-f", type=float, default=1.0, help="weight of faithfulness F (Eq. 9)")
+    steer.add_argument("--lambda-m", type=float, default=0.0, help="weight of minimality M_1 (Eq. 9)")
+    _add_train_args(steer)
+    steer.set_defaults(func=cmd_steer)
 
     demo = sub.add_parser("demo", help="write the HTML report on the embedded model")
     demo.add_argument("--out", default="out/demo", help="output directory (index.html, summary.json)")

@@ -29,8 +29,30 @@ from mechsteer.interventions.evaluate import (  # noqa: E402 (after objective, w
 from mechsteer.interventions.train import HISTORY_COLUMNS, TrainConfig, train
 from mechsteer.interventions.io import KINDS, load_intervention, read_metadata, save_intervention
 from mechsteer.interventions.generate import compare_generations, steered_generate
+from mechsteer.interventions.plots import (
+    alpha_heatmap,
+    beta_sweep,
+    beta_sweep_figure,
+    dynscalar_alphas,
+    dynscalar_figure,
+    flip_beta,
+    steervec_geometry,
+    steervec_geometry_figure,
+)
+from mechsteer.interventions.transfer import runs_on_length, transfer_figure, transfer_matrix
 
 __all__ = [
+    "alpha_heatmap",
+    "beta_sweep",
+    "beta_sweep_figure",
+    "dynscalar_alphas",
+    "dynscalar_figure",
+    "flip_beta",
+    "runs_on_length",
+    "steervec_geometry",
+    "steervec_geometry_figure",
+    "transfer_figure",
+    "transfer_matrix",
     "KINDS",
     "compare_generations",
     "load_intervention",

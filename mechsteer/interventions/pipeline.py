@@ -91,11 +91,11 @@ class SteerRun:
         if isinstance(iv, ActivScalar):
             figs["alphas"] = plots.alpha_heatmap(iv, ds)
         elif isinstance(iv, SteerVec):
-            figs["geometry"] = plots.steervec_geometry_figure(plots.steervec_geometry(model, iv, ds))
+            figs["geometry"] = plots.steervec_geometry_figure(plots.steervec_geometry(model, iv, ds, progress=False))
         elif isinstance(iv, DynScalar):
             prompts = list(ds.prompts[:2])
-            figs["alphas"] = plots.dynscalar_figure(model, iv, prompts)
-        figs["beta_sweep"] = plots.beta_sweep_figure(plots.beta_sweep(model, iv, ds))
+            figs["alphas"] = plots.dynscalar_figure(plots.dynscalar_alphas(model, iv, prompts, progress=False))
+        figs["beta_sweep"] = plots.beta_sweep_figure(plots.beta_sweep(model, iv, ds, progress=False))
         return figs
 
     def write(self, out: str | Path, model) -> Path:
