@@ -83,6 +83,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _log("attribution section")
         suites = [run_suite(model, ds.subset(slice(0, args.attribution_n))) for ds in datasets]
         report.add(attribution_section(suites))
+    if args.steer_n > 0:
+        from mechsteer.interventions.pipeline import METHODS, steer_task
+        from mechsteer.interventions.train import TrainConfig
+        from mechsteer.report import steering_section
+
+        runs = []
+        for method in METHODS:
+            _log(f"steering section: training {method}")
+            # App. A.1's lr (1e-3 scalars, 1e-4 vectors) is for single-prompt training; with
+            # batches of 8 prompts the demo uses 10x that to move in its 75 steps.
+            lr = 1e-3 if method == "steer_vec" else 1e-2
+            cfg = TrainConfig(epochs=args.steer_epochs, batch_size=8, lr=lr, progress=False)
+            runs.append(steer_task(model, "ccc", method, n=args.steer_n, config=cfg, seed=args.seed))
+        report.add(steering_section(model, runs))
     path = report.write(args.out)
     _log(f"wrote {path} and {Path(args.out) / 'summary.json'} in {time.perf_counter() - t0:.1f}s")
     return 0
@@ -205,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n", type=int, default=32, help="prompts per task")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--attribution-n", type=int, default=8, help="prompts per task for the attribution section (0 skips it)")
+    demo.add_argument("--steer-n", type=int, default=32, help="CCC prompts for the activation-scaling section (0 skips it)")
+    demo.add_argument("--steer-epochs", type=int, default=25, help="training epochs in the activation-scaling section")
     demo.add_argument("--model", default=None, help=_MODEL_HELP)
     demo.set_defaults(func=cmd_demo)
     return p

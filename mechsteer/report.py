@@ -217,3 +217,37 @@ def fv_section(run) -> Section:
     summary = run.summary()
     return Section(key="function_vectors", title="Function vectors: head selection and injection", parts=parts,
                    summary={k: summary[k] for k in ("tasks", "accuracy", "samples_per_minute", "top_heads", "fv_layer")})
+
+
+def steering_section(model, runs: list) -> Section:
+    """Activation scaling (seed paper 003) on one task: ActivScalar vs SteerVec vs DynScalar
+    (E_0, F, minimality, parameters; train and test), the ActivScalar alphas per layer and
+    position, and the logit difference as a function of beta (where the answer flips)."""
+    from mechsteer.interventions.plots import alpha_heatmap, beta_sweep, beta_sweep_figure, flip_beta
+
+    rows, parts, summary, sweeps = [], [], {}, {}
+    for run in runs:
+        s = run.summary()
+        sweep = beta_sweep(model, run.intervention, run.test_ds, progress=False)
+        s["flip_beta"] = flip_beta(sweep)
+        summary[run.method] = {k: s[k] for k in ("n_params", "train", "test", "flip_beta", "seconds")}
+        rows.append({"method": run.method, "n_params": s["n_params"],
+                     **{f"{split} {k}": s[split][k] for split in ("train", "test")
+                        for k in ("effectiveness", "faithfulness", "minimality")},
+                     "flip beta": s["flip_beta"], "seconds": s["seconds"]})
+        sweeps[run.method] = sweep
+    first = runs[0]
+    cfg = first.config
+    parts.append(
+        f"<p>{first.task.upper()}: {len(first.train_ds)} train and {len(first.test_ds)} test prompts of "
+        f"{first.train_ds.n_pos} tokens; sites {', '.join(first.intervention.sites)} at every layer; "
+        f"{cfg.epochs} epochs of Adam, batch {cfg.batch_size}, margin {cfg.margin}, lambda_F {cfg.lambda_f}, "
+        f"lambda_M {cfg.lambda_m}. Effectiveness E_0 and faithfulness F are &lt;= 0 (0 is best); minimality "
+        "counts parameters with |value| &gt; 0.01; 'flip beta' is where the mean logit difference crosses 0.</p>"
+    )
+    parts.append(table_html(pd.DataFrame(rows).round(3), index=False))
+    for run in runs:
+        if run.method == "activ_scalar":
+            parts.append(alpha_heatmap(run.intervention, run.test_ds))
+        parts.append(beta_sweep_figure(sweeps[run.method], title=f"{run.method}: logit difference vs beta (test prompts)"))
+    return Section(key="steering", title="Activation scaling: learned interventions", parts=parts, summary=summary)

@@ -47,8 +47,32 @@ def test_cli_tasks(capsys):
 def test_cli_demo_writes_the_report(tmp_path):
     assert main(["demo", "--out", str(tmp_path / "d"), "--n", "4", "--model", "tiny-llama"]) == 0
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
-    assert {"model", "tasks"} <= set(summary)
+    assert {"model", "tasks", "attribution", "steering"} <= set(summary)
+    assert set(summary["steering"]) == {"activ_scalar", "steer_vec", "dyn_scalar"}
     assert (tmp_path / "d" / "index.html").stat().st_size > 1_000_000  # plotly.js inlined
+
+
+@pytest.mark.parametrize("method", ["activ_scalar", "steer_vec", "dyn_scalar"])
+def test_cli_steer_writes_intervention_figures_and_summary(tmp_path, method):
+    from mechsteer.interventions import load_intervention
+    from mechsteer.models import load_model
+
+    out = tmp_path / "s"
+    args = ["steer", "--task", "ccc", "--method", method, "--sites", "attn_out,mlp_out", "--n", "8", "--epochs", "2"]
+    assert main(args + ["--model", "tiny-llama", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == method and summary["n_params"] > 0
+    for split in ("train", "test"):
+        assert {"effectiveness", "faithfulness", "minimality"} <= set(summary[split])
+        assert summary[split]["effectiveness"] <= 0 and summary[split]["faithfulness"] <= 1e-6
+    iv = load_intervention(out / "intervention", load_model("tiny-llama"))
+    assert iv.n_params == summary["n_params"]
+    assert (out / "figures.html").exists() and (out / "history.csv").exists()
+
+
+def test_cli_steer_unknown_method_fails_before_loading(capsys):
+    assert main(["steer", "--method", "activscalar", "--out", "/nonexistent/x"]) == 2
+    assert "activ_scalar" in capsys.readouterr().err
 
 
 def test_cli_bad_input_is_a_clear_error(capsys):
