@@ -29,16 +29,8 @@ from mechsteer.interventions.evaluate import (  # noqa: E402 (after objective, w
 from mechsteer.interventions.train import HISTORY_COLUMNS, TrainConfig, train
 from mechsteer.interventions.io import KINDS, load_intervention, read_metadata, save_intervention
 from mechsteer.interventions.generate import compare_generations, steered_generate
-from mechsteer.interventions.plots import (
-    alpha_heatmap,
-    beta_sweep,
-    beta_sweep_figure,
-    dynscalar_alphas,
-    dynscalar_figure,
-    flip_beta,
-    steervec_geometry,
-    steervec_geometry_figure,
-)
+from mechsteer.interventions.interpret import beta_sweep, dynscalar_alphas, flip_beta, steervec_geometry
+from mechsteer.interventions.plots import alpha_heatmap, beta_sweep_figure, dynscalar_figure, steervec_geometry_figure
 from mechsteer.interventions.transfer import runs_on_length, transfer_figure, transfer_matrix
 
 __all__ = [
