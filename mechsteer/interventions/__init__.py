@@ -31,9 +31,24 @@ from mechsteer.interventions.io import KINDS, load_intervention, read_metadata, 
 from mechsteer.interventions.generate import compare_generations, steered_generate
 from mechsteer.interventions.interpret import beta_sweep, dynscalar_alphas, flip_beta, steervec_geometry
 from mechsteer.interventions.plots import alpha_heatmap, beta_sweep_figure, dynscalar_figure, steervec_geometry_figure
+from mechsteer.interventions.pareto import pareto_figure, pareto_front, pareto_grid, read_results
+from mechsteer.interventions.from_attribution import (
+    attribution_scalars,
+    compare_with_trained,
+    fit_beta,
+    scalars_from_result,
+)
 from mechsteer.interventions.transfer import runs_on_length, transfer_figure, transfer_matrix
 
 __all__ = [
+    "attribution_scalars",
+    "compare_with_trained",
+    "fit_beta",
+    "pareto_figure",
+    "pareto_front",
+    "pareto_grid",
+    "read_results",
+    "scalars_from_result",
     "alpha_heatmap",
     "beta_sweep",
     "beta_sweep_figure",
