@@ -5,6 +5,7 @@
     mechsteer attribute --task ioi --methods patching,atp,dla,attnlrp --n 16 --out DIR
     mechsteer steer --task ccc --method activ_scalar --sites attn_out,mlp_out --out DIR
     mechsteer pareto --task ccc --out DIR  # lambda_F x lambda_M x m grid, resumable
+    mechsteer fv --tasks antonym,capitalize --select aie,lrp,atp --inject fv,dfv --out DIR
     mechsteer demo --out out/demo        # the HTML report on the embedded model
 """
 
@@ -166,6 +167,61 @@ def cmd_steer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pareto(args: argparse.Namespace) -> int:
+    from mechsteer import _io
+    from mechsteer.interventions.pareto import pareto_figure, pareto_front, pareto_grid
+    from mechsteer.interventions.pipeline import method_class
+    from mechsteer.report import Report, Section, table_html
+    from mechsteer.tasks import make_task
+
+    methods = _csv(args.methods)
+    for m in methods:
+        method_class(m)
+    floats = lambda text: [float(x) for x in _csv(text)]  # noqa: E731
+    model = _load(args.model)
+    train_ds, test_ds = make_task(args.task, model, n=args.n, seed=args.seed).split()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    df = pareto_grid(model, train_ds, test_ds, out / "grid.jsonl", methods=methods, sites=_csv(args.sites),
+                     lambda_f=floats(args.lambda_f), lambda_m=floats(args.lambda_m), margins=floats(args.margins),
+                     epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seeds=(args.seed,))
+    fig = pareto_figure(df, title=f"Pareto fronts: {args.task} on {model.cfg.model_name}")
+    fronts = {f"{split}_{y}": pareto_front(df, f"{split}_effectiveness", f"{split}_{y}")["key"].tolist()
+              for split in ("train", "test") for y in ("faithfulness", "minimality")}
+    report = Report(f"mechsteer pareto: {args.task}")
+    report.add(Section("pareto", "Pareto search", figures=[fig], html=table_html(df.drop(columns=["key"]).round(4), index=False)))
+    _io.write_text(out / "pareto.html", report.to_html())
+    _io.write_text(out / "grid.csv", df.to_csv(index=False))
+    _io.write_json(out / "summary.json", {"task": args.task, "model": model.cfg.model_name, "n_configs": len(df),
+                                          "fronts": fronts, "rows": df.to_dict(orient="records")})
+    _log(f"{len(df)} configurations; wrote {out}/ (grid.jsonl, grid.csv, pareto.html, summary.json)")
+    return 0
+
+
+def cmd_fv(args: argparse.Namespace) -> int:
+    from mechsteer.fv.pipeline import FVConfig, run_fv
+
+    layers = None if args.sweep_layers == "all" else tuple(int(x) for x in _csv(args.sweep_layers))
+    cfg = FVConfig(
+        tasks=tuple(_csv(args.tasks)) if args.tasks else None, select=tuple(_csv(args.select)),
+        inject=tuple(_csv(args.inject)), k=args.k, n_instructions=args.n_instructions, n_queries=args.n_queries,
+        n_cie=args.n_cie, n_test=args.n_test, min_correct=args.min_correct, pool=args.pool, sweep_layers=layers,
+        scale=args.scale, naive_samples=args.naive_samples, seed=args.seed, filter=not args.no_filter,
+        lrp_max_rank=args.lrp_max_rank,
+    )
+    model = _load(args.model)
+    run = run_fv(model, cfg)
+    path = run.write(args.out)
+    s = run.summary()
+    _log(f"tasks: {', '.join(s['tasks'])}")
+    for name, row in run.accuracy_table("global").iterrows():
+        _log(f"{row['name']:<10} top-1 {row['top1']:.3f}  top-3 {row['top3']:.3f}")
+    _log("samples/minute: " + ", ".join(f"{k} {v:.1f}" for k, v in s["samples_per_minute"].items()))
+    _log(f"wrote {path.parent}/ (figures.html, accuracy.csv, head_scores.csv, layer_sweep.csv, summary.json) "
+         f"in {s['seconds']:.0f}s")
+    return 0
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=["ccc", "ioi"], default="ccc")
     p.add_argument("--n", type=int, default=64, help="prompts (split 3:1 into train and test)")
@@ -213,6 +269,36 @@ def build_parser() -> argparse.ArgumentParser:
     steer.add_argument("--lambda-m", type=float, default=0.0, help="weight of minimality M_1 (Eq. 9)")
     _add_train_args(steer)
     steer.set_defaults(func=cmd_steer)
+
+    par = sub.add_parser("pareto", help="grid over lambda_F, lambda_M and m (resumable: rerun to continue)")
+    par.add_argument("--methods", default="activ_scalar,steer_vec", help="comma-separated methods")
+    par.add_argument("--sites", default="attn_out,mlp_out", help="comma-separated sites")
+    par.add_argument("--lambda-f", default="0,1,10,100", help="values of lambda_F")
+    par.add_argument("--lambda-m", default="0,1,10,100", help="values of lambda_M")
+    par.add_argument("--margins", default="0,1,10,100", help="values of the margin m")
+    _add_train_args(par)
+    par.set_defaults(func=cmd_pareto)
+
+    fv = sub.add_parser("fv", help="function vectors: head selection, FV vs DFV, zero-shot accuracy")
+    fv.add_argument("--tasks", default="", help="comma-separated task names (default: all; see mechsteer.tasks.fv.FV_TASKS)")
+    fv.add_argument("--select", default="aie,lrp,atp", help="head selection: aie,lrp,atp")
+    fv.add_argument("--inject", default="fv,dfv", help="injection: fv (one layer), dfv (each head at its own place)")
+    fv.add_argument("--k", type=int, default=20, help="top-k heads")
+    fv.add_argument("--n-instructions", type=int, default=5, help="instructions kept per task")
+    fv.add_argument("--n-queries", type=int, default=20, help="filtered prompts per instruction for mean activations")
+    fv.add_argument("--n-cie", type=int, default=5, help="prompts per instruction scored by AIE / LRP / AtP")
+    fv.add_argument("--n-test", type=int, default=20, help="held-out inputs per task (half validation, half test)")
+    fv.add_argument("--min-correct", type=int, default=20, help="correct items an instruction needs (of --pool)")
+    fv.add_argument("--pool", type=int, default=60, help="items per instruction tried when ranking instructions")
+    fv.add_argument("--sweep-layers", default="all", help="FV layers to try: all, or comma-separated")
+    fv.add_argument("--scale", type=float, default=1.0, help="injection scale")
+    fv.add_argument("--naive-samples", type=int, default=1, help="prompts timed with naive AIE (n_heads forwards each)")
+    fv.add_argument("--lrp-max-rank", type=int, default=5, help="LRP skips prompts whose answer ranks below this")
+    fv.add_argument("--no-filter", action="store_true", help="keep every task and item (for random-weight test models)")
+    fv.add_argument("--seed", type=int, default=0)
+    fv.add_argument("--out", required=True, help="output directory")
+    fv.add_argument("--model", default=None, help=_MODEL_HELP)
+    fv.set_defaults(func=cmd_fv)
 
     demo = sub.add_parser("demo", help="write the HTML report on the embedded model")
     demo.add_argument("--out", default="out/demo", help="output directory (index.html, summary.json)")

@@ -79,3 +79,17 @@ def test_cli_bad_input_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         main(["tasks", "--task", "sst2"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_cli_pareto_resumes(tmp_path):
+    out = tmp_path / "p"
+    base = ["pareto", "--model", "tiny-llama", "--n", "8", "--epochs", "1", "--lambda-m", "0", "--margins", "1", "--out", str(out)]
+    assert main(base + ["--lambda-f", "0,1"]) == 0
+    first = (out / "grid.jsonl").read_text().splitlines()
+    assert len(first) == 4  # 2 methods x 2 lambda_F
+    assert main(base + ["--lambda-f", "0,1,10"]) == 0
+    lines = (out / "grid.jsonl").read_text().splitlines()
+    assert lines[:4] == first and len(lines) == 6  # only the new configurations ran
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_configs"] == 6 and set(summary["fronts"]) == {
+        "train_faithfulness", "train_minimality", "test_faithfulness", "test_minimality"}
