@@ -20,6 +20,9 @@ from pathlib import Path
 _MODEL_HELP = "model name: an embedded model (default SmolLM2-135M-Instruct, or gemma-3-270m), 'tiny-llama'/'tiny-gpt2' (random weights, for smoke tests), or a Hugging Face name"
 
 
+DEMO_FV_TASKS = "capitalize,english-french,country-capital"  # tasks SmolLM2-135M does with instructions
+
+
 def _load(name: str | None):
     from mechsteer.models import load_model
 
@@ -98,6 +101,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
             cfg = TrainConfig(epochs=args.steer_epochs, batch_size=8, lr=lr, progress=False)
             runs.append(steer_task(model, "ccc", method, n=args.steer_n, config=cfg, seed=args.seed))
         report.add(steering_section(model, runs))
+    if args.fv_tasks:
+        from mechsteer.fv.pipeline import FVConfig, run_fv
+        from mechsteer.report import fv_section
+
+        _log(f"function-vector section on {args.fv_tasks}")
+        tiny = model.cfg.model_name.startswith("tiny")  # random weights answer nothing: skip the filter
+        n_heads = model.cfg.n_layers * model.cfg.n_heads
+        cfg = FVConfig(tasks=tuple(_csv(args.fv_tasks)), k=min(10, n_heads // 2), n_instructions=3, n_queries=10, n_cie=3, n_test=10,
+                       min_correct=5, pool=30, sweep_layers=tuple(range(0, model.cfg.n_layers, 3)),
+                       filter=not tiny, lrp_max_rank=10**6 if tiny else 5, seed=args.seed, progress=False)
+        report.add(fv_section(run_fv(model, cfg)))
     path = report.write(args.out)
     _log(f"wrote {path} and {Path(args.out) / 'summary.json'} in {time.perf_counter() - t0:.1f}s")
     return 0
@@ -307,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--attribution-n", type=int, default=8, help="prompts per task for the attribution section (0 skips it)")
     demo.add_argument("--steer-n", type=int, default=32, help="CCC prompts for the activation-scaling section (0 skips it)")
     demo.add_argument("--steer-epochs", type=int, default=25, help="training epochs in the activation-scaling section")
+    demo.add_argument("--fv-tasks", default=DEMO_FV_TASKS, help="function-vector tasks for the demo ('' skips the section)")
     demo.add_argument("--model", default=None, help=_MODEL_HELP)
     demo.set_defaults(func=cmd_demo)
     return p
