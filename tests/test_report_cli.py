@@ -93,3 +93,20 @@ def test_cli_pareto_resumes(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_configs"] == 6 and set(summary["fronts"]) == {
         "train_faithfulness", "train_minimality", "test_faithfulness", "test_minimality"}
+
+
+def test_cli_fv_writes_accuracy_timing_and_heads(tmp_path):
+    out = tmp_path / "fv"
+    args = ["fv", "--model", "tiny-llama", "--tasks", "capitalize,antonym", "--select", "aie,lrp,atp", "--inject", "fv,dfv",
+            "--k", "3", "--n-instructions", "2", "--n-queries", "3", "--n-cie", "2", "--n-test", "4", "--pool", "4",
+            "--no-filter", "--lrp-max-rank", "100000", "--out", str(out)]
+    assert main(args) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert set(s["samples_per_minute"]) == {"aie_naive", "aie", "lrp", "atp"}
+    assert "baseline" in s["accuracy"]
+    for inj in ("fv", "dfv"):
+        assert set(s["accuracy"][inj]) == {"aie", "lrp", "atp"}
+        assert {"top1", "top3"} <= set(s["accuracy"][inj]["lrp"])
+    assert all(len(heads) == 3 for heads in s["top_heads"].values())
+    for f in ("figures.html", "accuracy.csv", "head_scores.csv", "layer_sweep.csv"):
+        assert (out / f).exists()
