@@ -1,0 +1,54 @@
+"""run_fv end to end on a tiny model: shapes of per-task and global selections, rows of the
+accuracy table, timing keys, and the written files."""
+
+import json
+
+import pytest
+
+from mechsteer.fv import FVConfig, run_fv, top_heads
+from mechsteer.sites import live_hooks
+
+
+@pytest.fixture(scope="module")
+def run(request):
+    from mechsteer.tiny import tiny_model
+
+    model = tiny_model("llama")
+    cfg = FVConfig(tasks=("capitalize", "antonym"), n_instructions=2, n_queries=3, n_cie=2, n_test=4, k=3, pool=4,
+                   filter=False, lrp_max_rank=10**6, progress=False)
+    return model, run_fv(model, cfg)
+
+
+def test_per_task_and_global_selections_have_the_documented_shapes(run):
+    model, r = run
+    shape = (model.cfg.n_layers, model.cfg.n_heads)
+    for method in ("aie", "lrp", "atp"):
+        assert set(r.scores[method]) == {"capitalize", "antonym"}
+        for res in r.scores[method].values():
+            assert res.axes == ("layer", "head") and tuple(res.scores.shape) == shape
+        g = r.global_scores[method]
+        assert tuple(g.scores.shape) == shape
+        mean = sum(res.scores for res in r.scores[method].values()) / 2
+        assert (g.scores - mean).abs().max() < 1e-6  # global = mean over tasks
+        assert r.heads[method] == top_heads(g, 3) and len(r.heads[method]) == 3
+    assert set(r.mean_z) == {"capitalize", "antonym"}
+    assert tuple(r.mean_z["antonym"].shape) == (*shape, model.cfg.d_head)
+
+
+def test_accuracy_rows_timing_and_files(run, tmp_path):
+    model, r = run
+    names = set(r.accuracy["name"])
+    assert names == {"baseline"} | {f"{i}/{m}" for i in ("fv", "dfv") for m in ("aie", "lrp", "atp")}
+    assert set(r.accuracy["heads"]) == {"none", "global", "task"}
+    assert set(r.fv_layer) == {"aie", "lrp", "atp"}
+    assert all(v > 0 for v in r.samples_per_minute.values())
+    path = r.write(tmp_path / "out")
+    assert json.loads(path.read_text())["tasks"] == ["capitalize", "antonym"]
+    assert live_hooks(model) == []
+
+
+def test_bad_config_is_a_clear_error():
+    with pytest.raises(ValueError, match="select"):
+        FVConfig(select=("shap",))
+    with pytest.raises(ValueError, match="n_test"):
+        FVConfig(n_test=1)
