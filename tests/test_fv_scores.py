@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 
-import mechsteer.fv.aie as aie_module
+import mechsteer.fv.indirect_effect as aie_module
 from mechsteer.attribution.lrp import attnlrp
 from mechsteer.attribution.result import AttributionResult
 from mechsteer.fv.means import answer_prob, last_z, mean_head_z

@@ -1,11 +1,11 @@
 """Function vectors (seed papers 000 and 004): which heads carry a task, and re-injecting them.
 
-means (mean head activations) -> aie / scores (head selection by AIE, AttnLRP, AtP) ->
+means (mean head activations) -> indirect_effect / scores (head selection by AIE, AttnLRP, AtP) ->
 inject (FV at one layer, DFV at each head) -> evaluate (zero-shot accuracy) -> pipeline
 (all of it per task, with timing). Tasks and prompts live in ``mechsteer.tasks.fv``.
 """
 
-from mechsteer.fv.aie import aie, aie_global
+from mechsteer.fv.indirect_effect import aie, aie_global
 from mechsteer.fv.evaluate import (
     best_layer,
     compare_injections,

@@ -9,7 +9,7 @@ prompts:
 where ``z_{l,h}(p)[-1]`` is head (l, h)'s ``hook_z`` output (the attention-weighted values,
 before ``W_O``) at the last token of prompt p. These means are what a function vector adds
 back (sum of W_O-projected top heads, or each head at its own place), and what AIE patches
-into corrupted prompts to find the heads that carry the task (``mechsteer.fv.aie``).
+into corrupted prompts to find the heads that carry the task (``mechsteer.fv.indirect_effect``).
 
 Only the ``hook_z`` of every layer is hooked, and only its last position is kept, so the
 memory cost is ``batch x layer x head x d_head`` floats, not a full activation cache.
@@ -17,7 +17,7 @@ Prompts are unpadded: ``FVPrompts.batches`` groups prompts of one token length, 
 position -1 is every prompt's last token (no padding mask to get wrong).
 
 The helpers here (``last_z``, ``answer_prob``, the checks) are shared by the head scores
-in ``mechsteer.fv.aie`` and ``mechsteer.fv.scores``.
+in ``mechsteer.fv.indirect_effect`` and ``mechsteer.fv.scores``.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from mechsteer.attribution.result import AttributionResult
-from mechsteer.fv.aie import aie, aie_global
+from mechsteer.fv.indirect_effect import aie, aie_global
 from mechsteer.fv.evaluate import best_layer, compare_injections, fv_layer_sweep, steered_continuations
 from mechsteer.fv.inject import function_vector, inject_dfv, inject_fv, top_heads
 from mechsteer.fv.means import mean_head_z

@@ -7,7 +7,7 @@ over all heads):
 - **AIE** (Todd et al. 2024; paper 000 Sec. 3.1): patch the head's task mean into
   corrupted prompts and measure the rise of P(answer); one forward per head and prompt
   in the paper, batched one-token runs here (``aie``, ``aie_global``; see
-  ``mechsteer.fv.aie``).
+  ``mechsteer.fv.indirect_effect``).
 - **AttnLRP** (paper 000 Sec. 3.1, following Kahardipraja et al. 2025): on the clean
   instruction prompts, the relevance of the head's attention weights from the last
   position q to the instruction's intensional-frame tokens F (e.g. "opposite" in "Give the
@@ -39,7 +39,7 @@ from mechsteer.attribution._common import timer
 from mechsteer.attribution.compare import spearman
 from mechsteer.attribution.lrp import attnlrp
 from mechsteer.attribution.result import AttributionResult
-from mechsteer.fv.aie import aie, aie_global
+from mechsteer.fv.indirect_effect import aie, aie_global
 from mechsteer.fv.means import answer_prob, check_mean_z, check_prompts
 from mechsteer.metrics import answer_rank
 from mechsteer.sites import hook_name, hooked
