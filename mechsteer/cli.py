@@ -20,7 +20,7 @@ from pathlib import Path
 _MODEL_HELP = "model name: an embedded model (default SmolLM2-135M-Instruct, or gemma-3-270m), 'tiny-llama'/'tiny-gpt2' (random weights, for smoke tests), or a Hugging Face name"
 
 
-DEMO_FV_TASKS = "capitalize,english-french,country-capital"  # tasks SmolLM2-135M does with instructions
+DEMO_FV_TASKS = "country-capital,singular-plural,antonym"  # tasks SmolLM2-135M does with (chat) instructions
 
 
 def _load(name: str | None):
@@ -217,7 +217,7 @@ def cmd_fv(args: argparse.Namespace) -> int:
 
     layers = None if args.sweep_layers == "all" else tuple(int(x) for x in _csv(args.sweep_layers))
     cfg = FVConfig(
-        tasks=tuple(_csv(args.tasks)) if args.tasks else None, select=tuple(_csv(args.select)),
+        tasks=tuple(_csv(args.tasks)) if args.tasks else None, style=args.style, select=tuple(_csv(args.select)),
         inject=tuple(_csv(args.inject)), k=args.k, n_instructions=args.n_instructions, n_queries=args.n_queries,
         n_cie=args.n_cie, n_test=args.n_test, min_correct=args.min_correct, pool=args.pool, sweep_layers=layers,
         scale=args.scale, naive_samples=args.naive_samples, seed=args.seed, filter=not args.no_filter,
@@ -295,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     fv = sub.add_parser("fv", help="function vectors: head selection, FV vs DFV, zero-shot accuracy")
     fv.add_argument("--tasks", default="", help="comma-separated task names (default: all; see mechsteer.tasks.fv.FV_TASKS)")
+    fv.add_argument("--style", default="auto", choices=["auto", "instruction", "chat"],
+                    help="prompt style; auto = the chat template when the model has one")
     fv.add_argument("--select", default="aie,lrp,atp", help="head selection: aie,lrp,atp")
     fv.add_argument("--inject", default="fv,dfv", help="injection: fv (one layer), dfv (each head at its own place)")
     fv.add_argument("--k", type=int, default=20, help="top-k heads")

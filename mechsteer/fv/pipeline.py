@@ -64,6 +64,7 @@ class FVConfig:
     """Settings of ``run_fv`` (paper 000 Sec. 4 defaults where it gives them)."""
 
     tasks: tuple[str, ...] | None = None  # None: every task in FV_TASKS
+    style: str = "auto"  # "instruction", "chat", or "auto": chat when the tokenizer has a chat template
     select: tuple[str, ...] = SELECTIONS  # head-selection methods
     inject: tuple[str, ...] = INJECTIONS  # "fv" (one layer) and/or "dfv" (distributed)
     k: int = 20  # top-k heads
@@ -88,6 +89,8 @@ class FVConfig:
         bad = [s for s in self.select if s not in SELECTIONS] + [i for i in self.inject if i not in INJECTIONS]
         if bad or not self.select or not self.inject:
             raise ValueError(f"select must come from {SELECTIONS} and inject from {INJECTIONS}; got {self.select}, {self.inject}.")
+        if self.style not in ("auto", "instruction", "chat"):
+            raise ValueError(f"style must be 'auto', 'instruction' or 'chat', got {self.style!r}.")
         if self.n_test < 2:
             raise ValueError(f"n_test must be >= 2 (half validation, half test), got {self.n_test}.")
 
@@ -188,6 +191,15 @@ def _by_instruction(p: FVPrompts, per: int, skip: int = 0) -> list[int]:
     return out
 
 
+def prompt_style(model, cfg: FVConfig) -> str:
+    """The prompt style: ``cfg.style``, or for "auto" the model's chat template when it has
+    one (instruct models; SmolLM2-135M-Instruct passes the filter only this way), else
+    "{instruction}\\nQ: {input}\\nA:"."""
+    if cfg.style != "auto":
+        return cfg.style
+    return "chat" if getattr(model.tokenizer, "chat_template", None) else "instruction"
+
+
 def prepare_task(model, task: str, instructions: Sequence[int], cfg: FVConfig) -> TaskData:
     """Held-out zero-shot val/test prompts, filtered instruction prompts, corrupted ones."""
     zero = fv_prompts(model, task, style="zero_shot", seed=cfg.seed)
@@ -199,7 +211,7 @@ def prepare_task(model, task: str, instructions: Sequence[int], cfg: FVConfig) -
         raise ValueError(f"Task {task!r} has {len(inputs)} inputs; n_test={cfg.n_test} leaves too few to build FVs.")
     val_in, test_in = set(held[: len(held) // 2]), set(held[len(held) // 2 :])
     pick = lambda p, keep: p.subset([i for i, x in enumerate(p.inputs) if x in keep])  # noqa: E731
-    prompts = fv_prompts(model, task, instructions=list(instructions), seed=cfg.seed)
+    prompts = fv_prompts(model, task, style=prompt_style(model, cfg), instructions=list(instructions), seed=cfg.seed)
     train = pick(prompts, set(order[cfg.n_test :]))
     kept, info = filter_correct(model, train, progress=False)
     if not cfg.filter:
@@ -220,7 +232,8 @@ def run_fv(model, config: FVConfig = FVConfig()) -> FVRun:
     """Paper 000's pipeline on ``config.tasks``: see the module docstring."""
     cfg, t0 = config, time.perf_counter()
     tasks = list(cfg.tasks) if cfg.tasks is not None else list(FV_TASKS)
-    table = instruction_accuracy(model, tasks, n=cfg.pool, seed=cfg.seed, progress=cfg.progress)
+    table = instruction_accuracy(model, tasks, style=prompt_style(model, cfg), n=cfg.pool, seed=cfg.seed,
+                                 progress=cfg.progress)
     chosen = select_tasks(table, min_correct=cfg.min_correct, n_instructions=cfg.n_instructions)
     if not cfg.filter:
         chosen = {t: sorted(table[table["task"] == t]["instruction"])[: cfg.n_instructions] for t in tasks}
