@@ -125,7 +125,9 @@ def test_icl_corruption_shuffles_labels(tiny_gpt2):
     assert c.style == "icl/corrupted" and torch.equal(c.lengths, p.lengths) and torch.equal(c.answers, p.answers)
     capital = dict(load_task("country-capital").pairs)
     for k in range(len(p)):
-        labels = lambda q: [q.tokens[k][pos].tolist() for pos in q.demo_positions[k]]  # noqa: E731
+        def labels(q, k=k):
+            return [q.tokens[k][pos].tolist() for pos in q.demo_positions[k]]
+
         assert sorted(labels(c)) == sorted(labels(p)) and labels(c) != labels(p)
         q = p.demo_positions[k][-1][-1] + 1  # the query and what follows the last label are untouched
         assert torch.equal(c.tokens[k][q:], p.tokens[k][q:])
@@ -223,6 +225,6 @@ def test_smollm2_frames_tokens_corruption_and_filter(smollm2):
     c = corrupt(smollm2, p)
     assert torch.equal(c.lengths, p.lengths) and all(t.startswith("<|im_start|>system") for t in c.texts)
     kept, info = filter_correct(smollm2, p, progress=False)
-    assert info["kept"] >= 3  # this instruction gets 62 of 89 capitals right in chat style
+    assert info["kept"] >= 3  # measured: 4 of these 8 (62 of all 89 capitals with this instruction)
     top1 = [smollm2(t[None], logits_to_keep=1)[0, -1].argmax().item() for t in kept.tokens]
     assert top1 == kept.answers.tolist()

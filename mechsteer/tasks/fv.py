@@ -31,9 +31,12 @@ predictions for each of the instructions kept), with chance = 1/3 for the list t
 standard errors above it.
 
 The pairs and instructions were written for mechsteer; the task names follow paper 000,
-App. G, except ``male-female`` and ``country-language``, two easier tasks for small models
-(their JSON ``source`` says so). Lists for the ``choose_*`` and ``*_v_*`` tasks were
-generated from word pools.
+App. G, except five easier tasks for small models (``male-female``, ``country-language``,
+``capital-country``, ``city-country``, ``country-continent``; their JSON ``source`` says
+so). Lists for the ``choose_*`` and ``*_v_*`` tasks were generated from word pools.
+On SmolLM2-135M-Instruct the ``"chat"`` style is the one that passes the filter: 12 tasks
+with 5 instructions of >= 20 correct items each, against none in the ``"instruction"`` style,
+where the model mostly repeats the input.
 """
 
 from __future__ import annotations
@@ -105,7 +108,7 @@ class FVPrompts:
     def subset(self, index: Sequence[int]) -> "FVPrompts":
         """The prompts at ``index`` (in that order)."""
         idx = [int(i) for i in index]
-        pick = lambda xs: [xs[i] for i in idx] if xs else []  # noqa: E731
+        pick = lambda xs: [xs[i] for i in idx] if xs else []
         return FVPrompts(
             task=self.task,
             style=self.style,
@@ -184,7 +187,7 @@ def _data_dir():
 FV_TASKS: list[str] = sorted(p.name[: -len(".json")] for p in _data_dir().iterdir() if p.name.endswith(".json"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_task(name: str) -> FVTask:
     """The task ``name`` from ``fv_data/<name>.json`` (one of ``FV_TASKS``).
 
@@ -221,7 +224,7 @@ def _encode(model, text: str) -> tuple[list[int], list[tuple[int, int]]]:
 def _covering(offs: list[tuple[int, int]], lo: int, hi: int, inside: bool = False) -> list[int]:
     """Positions whose character span overlaps [lo, hi) (``inside``: lies within it)."""
     if inside:
-        return [i for i, (s, e) in enumerate(offs) if e > s and s >= lo and e <= hi]
+        return [i for i, (s, e) in enumerate(offs) if lo <= s < e <= hi]
     return [i for i, (s, e) in enumerate(offs) if e > s and s < hi and e > lo]
 
 
