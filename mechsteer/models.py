@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from mechsteer import kv_cache
 from mechsteer.embedded import EMBEDDED, load_embedded_hf, resolve_embedded
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ def _process(bridge) -> None:
         fold_value_biases=True,
     )
     bridge.eval()
+    kv_cache.fix_bridge(bridge)  # TL 4.3 + transformers >= 5.24: cached decoding needs the cache handed over
     for p in bridge.parameters():  # methods ask for gradients where they need them
         p.requires_grad_(False)
 

@@ -24,7 +24,7 @@ model by position costs thousands of full forwards. This engine gives the same n
    (e.g. a position before the clean and corrupted prompts first differ) is not run: its
    value is the unpatched run's.
 
-``skipping_works`` and ``PrefixKV.works`` check on one prompt that (3) and (4) leave the
+``skipping_works`` and ``PrefixKV.works`` (through ``mechsteer.kv_cache``) check on one prompt that (3) and (4) leave the
 logits unchanged on this model; if not, the engine falls back (warning), same numbers,
 slower. With the default metric only the last position's logits are computed
 (``logits_to_keep=1``).
@@ -33,7 +33,6 @@ slower. With the default metric only the last position's logits are computed
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import warnings
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechsteer import kv_cache
 from mechsteer.sites import hook_name, hooked
 
 # Memory one patched forward may use when batch_size is not given (CPU; on CUDA a quarter
@@ -165,34 +165,22 @@ def skipping_works(model, resid: Float[Tensor, "batch pos d_model"], layer: int)
 
 # ---- (4) start at the first changed position -----------------------------------------
 class PrefixKV:
-    """The patched run's own keys and values, served as a KV cache for a prefix of it."""
+    """The patched run's own keys and values, served as a KV cache for a prefix of it
+    (built through ``mechsteer.kv_cache``, the one module that touches cache objects)."""
 
-    def __init__(self, past_key_values) -> None:
-        self.past = past_key_values
+    def __init__(self, prefix: kv_cache.PrefixCache) -> None:
+        self.prefix = prefix
 
-    @staticmethod
-    def supported(past_key_values, n_prompts: int, n_pos: int) -> bool:
-        """A Hugging Face cache of full-attention layers only (a sliding-window layer keeps
-        only recent positions, so a prefix of it is not the prompt's prefix)."""
-        layers = getattr(past_key_values, "layers", None)
-        return bool(layers) and all(
-            type(layer).__name__ == "DynamicLayer" and getattr(layer, "keys", None) is not None
-            and tuple(layer.keys.shape[:1]) + tuple(layer.keys.shape[2:3]) == (n_prompts, n_pos)
-            for layer in layers
-        )
+    @classmethod
+    def of(cls, past, n_prompts: int, n_pos: int) -> "PrefixKV | None":
+        """A ``PrefixKV`` of the run's returned cache, or None with one warning naming why not."""
+        prefix = kv_cache.PrefixCache.of(past, n_prompts, n_pos, who="activation_patching")
+        return None if prefix is None else cls(prefix)
 
     def cache(self, prompts: Tensor, start: int, layer: int):
         """A cache holding positions ``0..start-1`` of ``prompts`` (one row each); layers
         below ``layer`` are skipped, so they get cheap placeholders of the right length."""
-        c = copy.copy(self.past)
-        c.layers = [copy.copy(entry) for entry in self.past.layers]
-        for i, entry in enumerate(c.layers):
-            if i < layer:
-                entry.keys = entry.keys[:1, :, :start].expand(len(prompts), -1, -1, -1)
-                entry.values = entry.values[:1, :, :start].expand(len(prompts), -1, -1, -1)
-            else:
-                entry.keys, entry.values = entry.keys[prompts, :, :start], entry.values[prompts, :, :start]
-        return c
+        return self.prefix.cache(prompts, start, layer)
 
     @torch.no_grad()
     def works(self, model, resid: Tensor, logits: Tensor, fmt) -> bool:
@@ -201,7 +189,7 @@ class PrefixKV:
         if start == 0:  # one-token prompts: no prefix to reuse
             return True
         prompts = torch.zeros(1, dtype=torch.long, device=resid.device)
-        with skip_blocks_below(model, layer, fmt):
+        with skip_blocks_below(model, layer, fmt), kv_cache.bridged(model):
             out = model(resid[:1, start:], start_at_layer=layer, past_key_values=self.cache(prompts, start, layer))
         if out.shape[1:] == logits[:1, start:].shape[1:] and torch.allclose(out, logits[:1, start:], atol=1e-4, rtol=0):
             return True
@@ -270,7 +258,7 @@ def sweep(
                 kwargs = dict(forward_kwargs)
                 if start > 0:
                     kwargs["past_key_values"] = prefix.cache(prompts, start, layer)
-                with skip_blocks_below(model, layer, skip_fmt), hooked(model, [(name, patch)]):
+                with skip_blocks_below(model, layer, skip_fmt), kv_cache.bridged(model), hooked(model, [(name, patch)]):
                     logits = model(resid[prompts, start:], start_at_layer=layer, **kwargs)
                 if base_logits is not None and start > 0:
                     logits = torch.cat([base_logits[prompts, :start], logits], dim=1)

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechsteer import kv_cache
 from mechsteer.attribution import _patch_engine as engine
 from mechsteer.attribution._common import Metric, check_dataset, check_metric_output, check_sites, default_metric, timer
 from mechsteer.attribution.result import AttributionResult, stack_sites
@@ -163,15 +164,16 @@ def activation_patching(
         site_names = [hook_name(s, l, model) for s in sites for l in layers]
         src_logits, src_cache = engine.cache_run(model, source, site_names)
         resid_names = [hook_name("resid_pre", l, model) for l in layers]
-        (base_logits, past), base_cache = engine.cache_run(
-            model, base, list(dict.fromkeys(resid_names + site_names)), return_type="logits_and_cache"
-        )
+        with kv_cache.bridged(model):
+            (base_logits, past), base_cache = engine.cache_run(
+                model, base, list(dict.fromkeys(resid_names + site_names)), return_type="logits_and_cache"
+            )
         clean_logits, corrupt_logits = (src_logits, base_logits) if direction == "denoising" else (base_logits, src_logits)
         m_clean = check_metric_output(m(clean_logits, ds), name="metric")
         m_corr = check_metric_output(m(corrupt_logits, ds), name="metric")
         resid = {l: base_cache[hook_name("resid_pre", l)] for l in layers}
         skip_fmt = engine.skipping_works(model, resid[n_layers - 1][:1], n_layers - 1)
-        prefix = engine.PrefixKV(past) if engine.PrefixKV.supported(past, B, n_pos) else None
+        prefix = engine.PrefixKV.of(past, B, n_pos) if n_pos > 1 else None
         if prefix is not None and not prefix.works(model, resid[n_layers - 1], base_logits, skip_fmt):
             prefix = None
         rows = engine.batch_rows(model, n_pos, B, 1 if metric is None else n_pos, batch_size)

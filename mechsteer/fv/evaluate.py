@@ -41,6 +41,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechsteer import kv_cache
 from mechsteer.fv.inject import function_vector, inject_dfv, inject_fv
 from mechsteer.tasks.fv import FVPrompts
 
@@ -220,11 +221,11 @@ def steered_continuations(
     tokens = model.to_tokens(prompt).to(model.cfg.device)  # (1, T)
     runs = ([("baseline", None)] if baseline else []) + list(injections.items())
     rows = []
+    use_cache = kv_cache.use_cache_for(model, use_past_kv_cache, who="steered_continuations")  # checked unsteered
     for name, steer in runs:
-        with steer() if steer is not None else contextlib.nullcontext():
+        with steer() if steer is not None else contextlib.nullcontext(), kv_cache.bridged(model):
             out = model.generate(
-                tokens, max_new_tokens=max_new_tokens, do_sample=False,
-                use_past_kv_cache=use_past_kv_cache, verbose=False,
+                tokens, max_new_tokens=max_new_tokens, do_sample=False, use_past_kv_cache=use_cache, verbose=False,
             )
         text = model.tokenizer.decode(out[0, tokens.shape[1]:].tolist(), skip_special_tokens=True)
         rows.append({"name": name, "text": text})

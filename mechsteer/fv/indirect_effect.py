@@ -45,6 +45,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechsteer import kv_cache
 from mechsteer.attribution import _patch_engine as engine
 from mechsteer.attribution._common import timer
 from mechsteer.attribution.result import AttributionResult
@@ -97,9 +98,15 @@ class _Reuse:
         self.checked = True
         last = layers[-1]
         self.skip = engine.skipping_works(model, resid[last][:1], last)
+        if tokens.shape[1] == 1:  # one-token prompts: no earlier tokens to reuse
+            return
+        prefix = kv_cache.PrefixCache.of(past, tokens.shape[0], tokens.shape[1], who="aie(mode='fast')")
+        if prefix is None:
+            self.prefix = False
+            return
         one = torch.zeros(1, dtype=torch.long, device=tokens.device)
         for start in dict.fromkeys((layers[0], last)):  # resume prompt 0, nothing patched
-            got = _resume(model, resid[start][one], start, tokens.shape[1], past, one, self.skip, [])
+            got = _resume(model, resid[start][one], start, tokens.shape[1], prefix, one, self.skip, [])
             if not torch.allclose(got[:, -1], logits[:1, -1], atol=1e-4, rtol=0):
                 warnings.warn("aie(mode='fast'): resuming the last token from the cached keys and values "
                               "changed the logits on this model; patched rows run their whole prompt "
@@ -108,12 +115,13 @@ class _Reuse:
                 return
 
 
-def _resume(model, resid, start: int, n_pos: int, past, prompts, skip, hooks) -> Tensor:
-    """Logits of the last token of ``prompts``, from the residual entering block ``start``."""
+def _resume(model, resid, start: int, n_pos: int, prefix, prompts, skip, hooks) -> Tensor:
+    """Logits of the last token of ``prompts``, from the residual entering block ``start``
+    (earlier tokens' keys and values from ``prefix``, a ``kv_cache.PrefixCache``)."""
     kwargs = {"logits_to_keep": 1}
     if n_pos > 1:
-        kwargs["past_key_values"] = engine.PrefixKV(past).cache(prompts, n_pos - 1, start)
-    with engine.skip_blocks_below(model, start, skip), hooked(model, hooks):
+        kwargs["past_key_values"] = prefix.cache(prompts, n_pos - 1, start)
+    with engine.skip_blocks_below(model, start, skip), kv_cache.bridged(model), hooked(model, hooks):
         return model(resid, start_at_layer=start, **kwargs)
 
 
@@ -149,9 +157,13 @@ def _fast_group(model, tokens, answers, mean_z, layers, n_rows, reuse: _Reuse, b
 
         return fn
 
-    with hooked(model, [(hook_name("resid_pre", l, model), keep(l)) for l in layers]):
+    with kv_cache.bridged(model), hooked(model, [(hook_name("resid_pre", l, model), keep(l)) for l in layers]):
         logits, past = model(tokens, return_type="logits_and_cache", logits_to_keep=1)
     reuse.check(model, tokens, resid, past, logits, layers)
+    prefix = None  # this group's own keys and values
+    if reuse.prefix and T > 1:
+        prefix = kv_cache.PrefixCache.of(past, B, T, who="aie(mode='fast')")
+    resume = reuse.prefix and (T == 1 or prefix is not None)
     p_base = answer_prob(logits, answers)
     patched = torch.zeros(B, len(layers), H, device=p_base.device)
     total = len(layers) * H * B
@@ -163,9 +175,9 @@ def _fast_group(model, tokens, answers, mean_z, layers, n_rows, reuse: _Reuse, b
             sel = (li == i).nonzero().squeeze(1)
             l = layers[i]
             hooks.append((hook_name("z", l, model), _patch_hook(sel, head[sel], mean_z[l, head[sel]])))
-        if reuse.prefix:
+        if resume:
             start = layers[int(li[0])]
-            out = _resume(model, resid[start][prompt], start, T, past, prompt, reuse.skip, hooks)
+            out = _resume(model, resid[start][prompt], start, T, prefix, prompt, reuse.skip, hooks)
         else:
             with hooked(model, hooks):
                 out = model(tokens[prompt], logits_to_keep=1)

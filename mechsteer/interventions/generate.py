@@ -29,6 +29,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from mechsteer import kv_cache
 from mechsteer.interventions.base import Intervention
 
 
@@ -57,7 +58,9 @@ def _generate(model, intervention, tokens, beta, max_new_tokens, seed, generate_
             )
     if seed is not None:
         torch.manual_seed(seed)
-    with intervention.apply(model, beta, generation=True):
+    kwargs["use_past_kv_cache"] = kv_cache.use_cache_for(model, kwargs.get("use_past_kv_cache", True),
+                                                         who="steered generation")  # checked unsteered
+    with intervention.apply(model, beta, generation=True), kv_cache.bridged(model):
         return model.generate(tokens, max_new_tokens=max_new_tokens, return_type="tokens", **kwargs)
 
 
