@@ -171,6 +171,80 @@ def test_shape_mismatch(saved, tmp_path):
         load_intervention(p)
 
 
+def _tamper(path, dst, site, tensor):
+    """A copy of the save at ``path`` whose tensor ``site`` is replaced by ``tensor`` (meta.json unchanged)."""
+    p = _copy(path, dst)
+    tensors = safetensors.torch.load_file(str(p / "params.safetensors"))
+    tensors[site] = tensor
+    safetensors.torch.save_file(tensors, str(p / "params.safetensors"))
+    return p
+
+
+def _z(iv):
+    return iv.params["z"].detach().clone()
+
+
+@pytest.mark.parametrize(
+    "change, found",
+    [
+        (lambda z: z.double(), r"is float64 \(2, \d+, 4\), but meta.json says float32 \(2, \d+, 4\)"),
+        (lambda z: z.half(), r"is float16 .*, but meta.json says float32"),
+        (lambda z: z.round().long(), r"is int64 .*, but meta.json says float32"),
+        (lambda z: z.flatten(), r"has shape \(\d+,\), but meta.json says float32 \(2, \d+, 4\)"),
+        (lambda z: z.index_put_((torch.tensor(0),), torch.tensor(float("nan"))), r"holds \d+ NaN or infinite values"),
+        (lambda z: z.view(-1).index_put_((torch.tensor(3),), torch.tensor(float("inf"))).view(z.shape),
+         r"holds 1 NaN or infinite values of \d+ \(first at index \(0, 0, 3\)\)"),
+    ],
+    ids=["float64", "float16", "int64", "shape", "nan", "inf"],
+)
+def test_tampered_tensor_is_refused(saved, tmp_path, change, found):
+    iv, path = saved
+    p = _tamper(path, tmp_path / "t", "z", change(_z(iv)))
+    with pytest.raises(ValueError, match=rf"params.safetensors: tensor 'z' .*{found}"):
+        load_intervention(p)
+    assert str(tmp_path / "t") in _message(p)  # names the path given, not the hidden copy
+
+
+def _message(p):
+    with pytest.raises(ValueError) as err:
+        load_intervention(p)
+    return str(err.value)
+
+
+def test_tampered_metadata_is_refused(saved, tmp_path):
+    iv, path = saved
+    p = _tamper(path, tmp_path / "int", "z", _z(iv).round().long())
+    meta = json.loads((p / "meta.json").read_text())
+    meta["params"]["z"]["dtype"] = "int64"  # both edited: still not a parameter dtype
+    (p / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"field 'params.z.dtype' is 'int64'; an intervention's parameters are floating"):
+        load_intervention(p)
+    p = _tamper(path, tmp_path / "f64", "z", _z(iv).double())
+    meta["params"]["z"]["dtype"] = "float64"  # both say float64: consistent, loads as float64
+    (p / "meta.json").write_text(json.dumps(meta))
+    assert load_intervention(p).params["z"].dtype == torch.float64
+    bad_fields = [
+        ({"shapes": {"n_layers": "two", "d_model": 64}}, TypeError, r"'shapes.n_layers' must be a positive integer, got 'two'"),
+        ({"shapes": {"n_layers": 2, "d_model": 0}}, ValueError, r"'shapes.d_model' must be a positive integer, got 0"),
+        ({"n_pos": True}, TypeError, r"'n_pos' must be a positive integer, got True"),
+        ({"layers": [0, 1.5]}, ValueError, r"'layers' must be a list of ints, got \[0, 1.5\]"),
+        ({"positions": {"last": 1}}, ValueError, r"'positions' must be a list of ints or a string"),
+        ({"init_std": float("nan")}, ValueError, r"'init_std' must be a finite number, got nan"),
+        ({"seed": 0.5}, TypeError, r"'seed' must be an integer, got 0.5"),
+        ({"params": {"attn_out": {"shape": [2, 5]}}}, ValueError, r"'params.attn_out' must give the tensor's 'shape' and 'dtype'"),
+        ({"sites": "z"}, ValueError, r"'sites' must be a list of site names, got 'z'"),
+    ]
+    for i, (changes, err, msg) in enumerate(bad_fields):
+        p = _copy(path, tmp_path / f"field{i}")
+        _edit_meta(p, **changes)
+        with pytest.raises(err, match=rf"meta.json: field {msg}"):
+            load_intervention(p)
+        with pytest.raises(err, match=msg):
+            read_metadata(p)
+    with pytest.raises(TypeError, match="check"):  # (the tests also type-check annotations at run time)
+        load_intervention(path, check=1)
+
+
 def test_no_pickle(saved, tiny_gpt2, monkeypatch):
     iv, path = saved
     assert sorted(f.name for f in path.iterdir()) == ["meta.json", "params.safetensors"]
@@ -200,6 +274,9 @@ def test_atomic_write(tmp_path, tiny_gpt2, monkeypatch):
     # no partial or temporary directory: only the save (a link) and the hidden copy it points to
     assert sorted(f.name for f in tmp_path.iterdir()) == sorted(["iv", os.readlink(old)])
     assert load_intervention(old).sites == ("mlp_out",)
+    monkeypatch.undo()
+    legacy = _copy(old, tmp_path / "legacy")  # a real directory, as saved before links
+    assert load_intervention(save_intervention(other, legacy)).sites == ("attn_out",) and legacy.is_symlink()
 
 
 def test_refuses_to_clobber_and_unknown_kinds(tmp_path, tiny_gpt2):

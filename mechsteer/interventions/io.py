@@ -11,13 +11,17 @@ A saved intervention is a DIRECTORY with two files:
   the model's ``fingerprint`` (architecture, sizes, SHA-256 of its weights) and dtype when
   a model is given, the mechsteer and torch versions, and free-form ``extra``.
 
-The directory is written through ``mechsteer._io.atomic_dir``: it appears complete or not
-at all, and an earlier save at the same path is replaced only once the new one is whole.
+The directory is written through ``mechsteer._io.atomic_dir``: ``path`` is a symlink to a
+hidden complete copy beside it (``.NAME.<hex>.dir``), swapped in one step, so ``path``
+always shows a whole save, the old one or the new one, even after a crash or Ctrl-C. To
+delete a save, delete both the link and ``os.path.realpath(path)`` (or the parent folder).
 
 Loading reads JSON and safetensors only (``safetensors.torch.load_file``; no
 ``torch.load``, no unpickling), so a saved intervention from elsewhere cannot run code.
-The class is looked up in ``KINDS``; parameter shapes are checked against both the JSON
-and the rebuilt class. Given a model, loading refuses one whose fingerprint differs from
+The class is looked up in ``KINDS``; the fields of ``meta.json`` are type-checked, and
+each tensor's dtype, shape and finiteness are checked against the JSON (and its shape
+against the rebuilt class): a float64, integer, NaN or misshapen tensor is refused with a
+ValueError naming the file and the tensor, never loaded silently. Given a model, loading refuses one whose fingerprint differs from
 the saved one (parameters tied to one model's activations mean nothing on another).
 Hashing the weights takes about 2-4 s for SmolLM2-135M on CPU.
 
@@ -49,6 +53,7 @@ import torch
 
 import mechsteer
 from mechsteer import _io
+from mechsteer._validate import finite_float, positive_int
 from mechsteer.interventions.base import Intervention
 from mechsteer.interventions.scalars import ActivScalar, DynScalar
 from mechsteer.interventions.vectors import SteerVec
@@ -140,17 +145,21 @@ def _is_save(path: Path) -> bool:
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``meta.json`` dict of the saved intervention at ``path`` (format checked)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"No saved intervention at {path}.")
-    if not path.is_dir():
-        raise ValueError(f"{path} is a file; a saved intervention is a directory with {PARAMS_FILE} and {META_FILE}.")
-    meta_path = path / META_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} is missing: {path} is not a saved intervention (or is incomplete).")
+    """The ``meta.json`` dict of the saved intervention at ``path`` (format and fields checked)."""
+    return _read_metadata(Path(path), Path(path))
+
+
+def _read_metadata(src: Path, shown: Path) -> dict[str, Any]:
+    """Read ``src / meta.json``; errors name ``shown`` (the path the caller gave)."""
+    if not src.exists():
+        raise FileNotFoundError(f"No saved intervention at {shown}.")
+    if not src.is_dir():
+        raise ValueError(f"{shown} is a file; a saved intervention is a directory with {PARAMS_FILE} and {META_FILE}.")
+    meta_path = shown / META_FILE
+    if not (src / META_FILE).is_file():
+        raise FileNotFoundError(f"{meta_path} is missing: {shown} is not a saved intervention (or is incomplete).")
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = json.loads((src / META_FILE).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{meta_path} is not valid JSON ({e}); the save is corrupt, write it again.") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -163,29 +172,78 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     missing = [k for k in ("kind", "sites", "layers", "positions", "n_pos", "shapes", "params") if k not in meta]
     if missing:
         raise ValueError(f"{meta_path} lacks the keys {missing}; the save is corrupt, write it again.")
+    _check_fields(meta, meta_path)
     return meta
+
+
+def _check_fields(meta: dict[str, Any], meta_path: Path) -> None:
+    """TypeError/ValueError naming ``meta_path`` and the field unless each field has its type."""
+    field = f"{meta_path}: field"
+    for key in ("shapes", "params"):
+        if not isinstance(meta[key], dict):
+            raise ValueError(f"{field} {key!r} must be an object, got {meta[key]!r}; the save is corrupt.")
+    if not isinstance(meta["sites"], list) or not all(isinstance(s, str) for s in meta["sites"]):
+        raise ValueError(f"{field} 'sites' must be a list of site names, got {meta['sites']!r}.")
+    for key in ("layers", "positions"):
+        v = meta[key]
+        if not (key == "positions" and isinstance(v, str)) and not (isinstance(v, list) and all(_is_int(x) for x in v)):
+            raise ValueError(f"{field} {key!r} must be a list of ints{' or a string' * (key == 'positions')}, got {v!r}.")
+    shapes = meta["shapes"]
+    for key in ("n_layers", "d_model"):
+        positive_int(f"{field} 'shapes.{key}'", shapes.get(key))
+    for key in ("n_heads", "d_head"):
+        positive_int(f"{field} 'shapes.{key}'", shapes.get(key), allow_none=True)
+    positive_int(f"{field} 'n_pos'", meta["n_pos"], allow_none=True)
+    finite_float(f"{field} 'init_std'", meta.get("init_std", 0.0))
+    if not _is_int(seed := meta.get("seed", 0)):
+        raise TypeError(f"{field} 'seed' must be an integer, got {seed!r} ({type(seed).__name__}).")
+    for site in meta["sites"]:
+        info = meta["params"].get(site)
+        if not isinstance(info, dict) or not {"shape", "dtype"} <= set(info):
+            raise ValueError(f"{field} 'params.{site}' must give the tensor's 'shape' and 'dtype', got {info!r}.")
+        shape = info["shape"]
+        if not isinstance(shape, list) or not all(_is_int(n) for n in shape):
+            raise ValueError(f"{field} 'params.{site}.shape' must be a list of ints, got {shape!r}.")
+        dtype = getattr(torch, str(info["dtype"]), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(
+                f"{field} 'params.{site}.dtype' is {info['dtype']!r}; an intervention's parameters are "
+                "floating point (float32, float16, bfloat16 or float64)."
+            )
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def load_intervention(path: str | os.PathLike, model=None, *, check: bool = True) -> Intervention:
     """Rebuild the intervention saved at ``path`` (exactly: same class, spec and parameters).
+
+    Every tensor in ``params.safetensors`` must have the dtype and shape that ``meta.json``
+    gives it (and the shape the class needs for that spec) and be finite, or a ValueError
+    names the file, the tensor, what the metadata says and what was found.
 
     With ``model`` (and ``check=True``) a model whose fingerprint differs from the saved
     one is refused with a ValueError naming what differs (a save made without a model holds
     no fingerprint: then only the shapes are checked); the parameters are moved to the
     model's device. Never unpickles.
     """
+    if not isinstance(check, bool):
+        raise TypeError(f"check must be True or False, got {check!r} ({type(check).__name__}).")
     path = Path(path)
-    meta = read_metadata(path)
+    src = Path(os.path.realpath(path))  # one version read whole, even if a new save swaps in meanwhile
+    meta = _read_metadata(src, path)
     cls = KINDS.get(meta["kind"])
     if cls is None:
         raise ValueError(f"{path / META_FILE}: unknown kind {meta['kind']!r}; known kinds: {sorted(KINDS)}.")
     params_path = path / PARAMS_FILE
-    if not params_path.is_file():
+    if not (src / PARAMS_FILE).is_file():
         raise FileNotFoundError(f"{params_path} is missing: the save at {path} is incomplete, write it again.")
     try:
-        tensors = safetensors.torch.load_file(str(params_path), device="cpu")
+        tensors = safetensors.torch.load_file(str(src / PARAMS_FILE), device="cpu")
     except safetensors.SafetensorError as e:
         raise ValueError(f"{params_path} is not a valid safetensors file ({e}); the save is corrupt.") from e
+    _check_tensors(tensors, meta, params_path)
     if model is not None and check and meta.get("model") is not None:
         try:
             check_fingerprint(model, meta["model"])
@@ -214,16 +272,38 @@ def load_intervention(path: str | os.PathLike, model=None, *, check: bool = True
     return iv
 
 
+def _check_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], params_path: Path) -> None:
+    """ValueError unless the file holds one finite tensor per site with the dtype and shape of ``meta``."""
+    sites = meta["sites"]
+    if set(tensors) != set(sites):
+        raise ValueError(f"{params_path} holds tensors {sorted(tensors)}; {META_FILE} names sites {list(sites)}.")
+    for site in sites:
+        t, info = tensors[site], meta["params"][site]
+        said = f"{META_FILE} says {info['dtype']} {tuple(info['shape'])}"
+        found = f"{str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}"
+        if str(t.dtype).removeprefix("torch.") != info["dtype"]:
+            raise ValueError(f"{params_path}: tensor {site!r} is {found}, but {said}; the save is corrupt or was edited.")
+        if list(t.shape) != info["shape"]:
+            raise ValueError(
+                f"{params_path}: tensor {site!r} has shape {tuple(t.shape)}, but {said}; the save is corrupt or was edited."
+            )
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+            raise ValueError(
+                f"{params_path}: tensor {site!r} ({found}) holds {int(bad.sum())} NaN or infinite values of "
+                f"{t.numel()} (first at index {first}); {said} with finite values. The save is corrupt, or "
+                "training diverged before it was saved."
+            )
+
+
 def _fill_params(iv: Intervention, tensors: dict[str, torch.Tensor], meta: dict[str, Any], params_path: Path) -> None:
-    if set(tensors) != set(iv.sites):
-        raise ValueError(f"{params_path} holds tensors {sorted(tensors)}; the metadata names sites {list(iv.sites)}.")
     for site in iv.sites:
         t, want = tensors[site], iv.param_shape(site)
-        saved = tuple(meta["params"].get(site, {}).get("shape", want))
-        if tuple(t.shape) != want or saved != want:
+        if tuple(t.shape) != want:
             raise ValueError(
-                f"{params_path}: {site!r} has shape {tuple(t.shape)} (metadata {saved}), but a {type(iv).__name__} "
+                f"{params_path}: {site!r} has shape {tuple(t.shape)} (as {META_FILE} says), but a {type(iv).__name__} "
                 f"with this spec needs {want}; the save is corrupt or was edited."
             )
-        grad = bool(meta["params"].get(site, {}).get("requires_grad", True)) and t.is_floating_point()
+        grad = bool(meta["params"][site].get("requires_grad", True))
         iv.params[site] = torch.nn.Parameter(t, requires_grad=grad)
