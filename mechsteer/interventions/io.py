@@ -21,8 +21,9 @@ Loading reads JSON and safetensors only (``safetensors.torch.load_file``; no
 The class is looked up in ``KINDS``; the fields of ``meta.json`` are type-checked, and
 each tensor's dtype, shape and finiteness are checked against the JSON (and its shape
 against the rebuilt class): a float64, integer, NaN or misshapen tensor is refused with a
-ValueError naming the file and the tensor, never loaded silently. Given a model, loading refuses one whose fingerprint differs from
-the saved one (parameters tied to one model's activations mean nothing on another).
+ValueError naming the file and the tensor, never loaded silently. Given a model, loading
+refuses one whose fingerprint differs from the saved one (parameters tied to one model's
+activations mean nothing on another).
 Hashing the weights takes about 2-4 s for SmolLM2-135M on CPU.
 
 >>> import tempfile, torch
@@ -185,9 +186,9 @@ def _check_fields(meta: dict[str, Any], meta_path: Path) -> None:
     if not isinstance(meta["sites"], list) or not all(isinstance(s, str) for s in meta["sites"]):
         raise ValueError(f"{field} 'sites' must be a list of site names, got {meta['sites']!r}.")
     for key in ("layers", "positions"):
-        v = meta[key]
-        if not (key == "positions" and isinstance(v, str)) and not (isinstance(v, list) and all(_is_int(x) for x in v)):
-            raise ValueError(f"{field} {key!r} must be a list of ints{' or a string' * (key == 'positions')}, got {v!r}.")
+        v, text_ok = meta[key], key == "positions"  # positions may also be "all" / "last"
+        if not (text_ok and isinstance(v, str)) and not (isinstance(v, list) and all(_is_int(x) for x in v)):
+            raise ValueError(f"{field} {key!r} must be a list of ints{' or a string' * text_ok}, got {v!r}.")
     shapes = meta["shapes"]
     for key in ("n_layers", "d_model"):
         positive_int(f"{field} 'shapes.{key}'", shapes.get(key))
@@ -280,12 +281,14 @@ def _check_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], param
     for site in sites:
         t, info = tensors[site], meta["params"][site]
         said = f"{META_FILE} says {info['dtype']} {tuple(info['shape'])}"
-        found = f"{str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}"
-        if str(t.dtype).removeprefix("torch.") != info["dtype"]:
+        dtype = str(t.dtype).removeprefix("torch.")
+        found = f"{dtype} {tuple(t.shape)}"
+        if dtype != info["dtype"]:
             raise ValueError(f"{params_path}: tensor {site!r} is {found}, but {said}; the save is corrupt or was edited.")
         if list(t.shape) != info["shape"]:
             raise ValueError(
-                f"{params_path}: tensor {site!r} has shape {tuple(t.shape)}, but {said}; the save is corrupt or was edited."
+                f"{params_path}: tensor {site!r} has shape {tuple(t.shape)}, but {said}; "
+                "the save is corrupt or was edited."
             )
         bad = ~torch.isfinite(t)
         if bool(bad.any()):
