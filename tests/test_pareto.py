@@ -93,11 +93,72 @@ def test_partial_last_line_is_ignored_and_rerun(tiny_gpt2, splits, reference, tm
     assert len(lines) == 2 and all(json.loads(line)["key"] for line in lines)
 
 
+def _row(key: str = "a", **changes) -> dict:
+    """A row of the shape pareto_grid writes (measures made up)."""
+    row = {"key": key, "method": "activ_scalar", "lambda_f": 0.0, "lambda_m": 0.0, "margin": 1.0, "seed": 0,
+           "n_params": 8, "lr": 1e-3, "error": None, "final_psi": -0.5, "seconds": 0.1}
+    row |= {f"{s}_{m}": None if m == "n_locations" else -0.5 for s in ("train", "test") for m in pareto.MEASURES}
+    return row | changes
+
+
+def _lines(*lines) -> str:
+    """JSONL text: dicts / lists as JSON, strings as they are, each ending with a newline."""
+    return "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines)
+
+
 def test_broken_middle_line_raises(tiny_gpt2, splits, tmp_path):
     path = tmp_path / "grid.jsonl"
-    path.write_text('{"key": "a"}\nnot json\n{"key": "b"}\n')
-    with pytest.raises(ValueError, match="line 2"):
+    path.write_text(_lines(_row("a"), "not json", _row("b")))
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
         pareto_grid(tiny_gpt2, *splits, path, **GRID)
+    path.write_bytes(json.dumps(_row("a")).encode() + b"\n\xff\xfe\n")
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+        read_results(path)
+
+
+def _without(key):
+    row = _row("b")
+    del row[key]
+    return row
+
+
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ({}, r"lacks the fields \['key', 'method', 'lambda_f'"),
+        ([1, 2], r"is a JSON array \(\[1, 2\]\), not a pareto_grid row \(an object\)"),
+        ("null", r"is a JSON null \(null\), not a pareto_grid row"),
+        ("3.5", r"is a JSON number \(3.5\)"),
+        ('"key"', r"is a JSON string \(\"key\"\)"),
+        (_without("key"), r"lacks the fields \['key'\]"),
+        (_without("test_effectiveness"), r"lacks the fields \['test_effectiveness'\]"),
+        (_row(key=7), r"'key' must be a non-empty string, got 7"),
+        (_row(key=""), r"'key' must be a non-empty string, got ''"),
+        (_row("b", test_effectiveness="high"), r"'test_effectiveness' must be a number or null, got 'high'"),
+        (_row("b", train_minimality=[3]), r"'train_minimality' must be a number or null, got \[3\]"),
+        (_row("b", train_faithfulness=True), r"'train_faithfulness' must be a number or null, got True"),
+        (_row("b", lambda_f=None), r"'lambda_f' must be a number, got None"),
+        (_row("b", seconds="1s"), r"'seconds' must be a number or null, got '1s'"),
+    ],
+    ids=["empty", "array", "null", "number", "string", "no-key", "no-measure", "int-key", "empty-key",
+         "text-measure", "list-measure", "bool-measure", "null-lambda", "text-seconds"],
+)
+def test_line_of_wrong_shape_is_named(tmp_path, line, problem):
+    path = tmp_path / "grid.jsonl"
+    path.write_text(_lines(_row("a"), line, _row("c")))
+    with pytest.raises(ValueError, match=rf"grid.jsonl, line 2:? {problem}.*delete that line to resume"):
+        read_results(path)
+    path.write_text(_lines(_row("a"), line))  # a complete last line is checked too
+    with pytest.raises(ValueError, match=rf"line 2:? {problem}"):
+        read_results(path)
+
+
+def test_torn_last_line_of_any_shape_is_dropped_with_a_warning(tmp_path):
+    path = tmp_path / "grid.jsonl"
+    path.write_text(_lines(_row("a"), _row("b", test_effectiveness=None)) + "{}")  # no newline: an interrupted write
+    with pytest.warns(UserWarning, match="partial line"):
+        df = read_results(path)
+    assert df["key"].tolist() == ["a", "b"] and pd.isna(df["test_effectiveness"].iloc[1])
 
 
 def test_keys_follow_what_determines_a_result(tiny_gpt2, splits, tmp_path, monkeypatch):
@@ -125,10 +186,29 @@ def test_all_methods_run(tiny_gpt2, splits, tmp_path):
     assert df["n_params"].tolist() == [2 * splits[0].n_pos * 64, 2 * 64]
 
 
-@pytest.mark.parametrize("bad", [{"methods": ["actv_scalar"]}, {"lambda_m": [-1]}, {"margins": []}, {"epochs": 0}])
-def test_bad_arguments(tiny_gpt2, splits, tmp_path, bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    "bad, error, message",
+    [
+        ({"methods": ["actv_scalar"]}, ValueError, "methods"),
+        ({"lambda_m": [-1]}, ValueError, r"lambda_m must be a non-empty list of finite numbers >= 0, got \[-1\]"),
+        ({"margins": []}, ValueError, "margins must be a non-empty list"),
+        ({"lambda_f": [0, True]}, TypeError, r"lambda_f\[1\] must be a finite number, got True"),
+        ({"lambda_f": [float("nan")]}, ValueError, r"lambda_f\[0\] must be a finite number, got nan"),
+        ({"epochs": 0}, ValueError, "epochs must be a positive integer, got 0"),
+        ({"epochs": True}, TypeError, "epochs must be a positive integer, got True"),
+        ({"batch_size": 2.5}, TypeError, "batch_size"),  # (tests type-check annotations first: message differs)
+        ({"seeds": []}, ValueError, "seeds must be a non-empty list of integers >= 0, got"),
+        ({"seeds": [0, 1.5]}, TypeError, "seeds"),  # (idem)
+        ({"seeds": [False]}, TypeError, r"seeds\[0\] must be a non-negative integer, got False"),
+        ({"layers": [0, -1]}, ValueError, r"layers\[1\] must be a non-negative integer, got -1"),
+        ({"lr": float("inf")}, ValueError, "lr must be a finite number, got inf"),
+        ({"init_std": -0.1}, ValueError, "init_std must be a finite number >= 0, got -0.1"),
+    ],
+)
+def test_bad_arguments(tiny_gpt2, splits, tmp_path, bad, error, message):
+    with pytest.raises(error, match=message):
         pareto_grid(tiny_gpt2, *splits, tmp_path / "g.jsonl", **{**GRID, **bad})
+    assert not (tmp_path / "g.jsonl").exists()
 
 
 def test_front_on_hand_made_points():

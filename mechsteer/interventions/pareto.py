@@ -13,7 +13,9 @@ appended to a JSONL file as one full line, flushed and fsynced at once. A config
 sites, layers, positions, epochs, lr, batch size, init std, the model's weights and the
 tokens and answers of both splits), so rerunning the same call skips what is done: an
 interrupted search resumes where it stopped. A crash in the middle of a write can leave a
-partial last line; it is ignored with a warning (and cut off before the next append).
+partial last line; it is ignored with a warning (and cut off before the next append). Any
+other line that is not a row of this shape (invalid JSON, ``{}``, a list, a row without
+``key`` or with a non-numeric measure) raises a ValueError naming the file and the line.
 
 ``pareto_front`` keeps the non-dominated points of two columns. Effectiveness and
 faithfulness are maximised (0 is best); the minimality count, ``n_params`` and
@@ -38,7 +40,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 import warnings
@@ -51,6 +52,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mechsteer._io import write_text
+from mechsteer._validate import finite_float, nonneg_int, positive_int
 from mechsteer.interventions.base import DEFAULT_INIT_STD
 from mechsteer.interventions.evaluate import evaluate_splits
 from mechsteer.interventions.scalars import ActivScalar, DynScalar
@@ -81,24 +83,32 @@ def config_key(spec: dict) -> str:
 
 
 def read_results(path: str | os.PathLike) -> pd.DataFrame:
-    """All rows of a ``pareto_grid`` JSONL file (a partial last line is ignored with a warning)."""
+    """All rows of a ``pareto_grid`` JSONL file (a partial last line is ignored with a warning).
+
+    A complete line that is not such a row raises a ValueError naming the file and line.
+    """
     return pd.DataFrame(_read_lines(Path(path))[0])
 
 
 def _read_lines(path: Path) -> tuple[list[dict], int]:
-    """(rows, byte length of the complete lines); warns about a partial trailing line."""
+    """(rows, byte length of the complete lines); warns about a partial trailing line.
+
+    Every complete line must be one row as ``pareto_grid`` writes it, else a ValueError
+    names the file, the line number and what is wrong with it.
+    """
     if not path.exists():
         return [], 0
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1  # complete lines end with a newline
     rows = []
-    for i, line in enumerate(data[:end].decode().splitlines(), 1):
-        if not line.strip():
+    for i, raw in enumerate(data[:end].split(b"\n")[:-1], 1):
+        if not raw.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
+            row = json.loads(raw.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path}, line {i} is not valid JSON ({err}); delete that line to resume.") from None
+        rows.append(_check_row(row, f"{path}, line {i}"))
     if data[end:].strip():
         warnings.warn(
             f"{path} ends with a partial line ({len(data) - end} bytes, from an interrupted write); "
@@ -106,6 +116,32 @@ def _read_lines(path: Path) -> tuple[list[dict], int]:
             stacklevel=3,
         )
     return rows, end
+
+
+NUMBERS = ("lambda_f", "lambda_m", "margin", "seed", "n_params")  # in every row
+MEASURED = tuple(f"{s}_{m}" for s in SPLITS for m in MEASURES)  # in every row; null when a run diverged
+NULLABLE = (*MEASURED, "final_psi", "seconds", "lr")  # numbers or null where present
+JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+
+
+def _check_row(row, where: str) -> dict:
+    """``row`` if it has the shape of a ``pareto_grid`` row; else ValueError naming ``where``."""
+    fix = "delete that line to resume (its configuration will run again)"
+    if not isinstance(row, dict):
+        kind, text = JSON_TYPES.get(type(row), "number"), json.dumps(row)[:60]
+        raise ValueError(f"{where} is a JSON {kind} ({text}), not a pareto_grid row (an object); {fix}.")
+    missing = [k for k in ("key", "method", *NUMBERS, *MEASURED) if k not in row]
+    if missing:
+        raise ValueError(f"{where} lacks the fields {missing} that every pareto_grid row has; {fix}.")
+    for k in ("key", "method"):
+        if not isinstance(row[k], str) or not row[k]:
+            raise ValueError(f"{where}: {k!r} must be a non-empty string, got {row[k]!r}; {fix}.")
+    for k in (*NUMBERS, *NULLABLE):
+        v = row.get(k)
+        if (v is not None or k in NUMBERS) and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            null = " or null" if k in NULLABLE else ""
+            raise ValueError(f"{where}: {k!r} must be a number{null}, got {v!r}; {fix}.")
+    return row
 
 
 def _append_line(path: Path, row: dict) -> None:
@@ -117,10 +153,22 @@ def _append_line(path: Path, row: dict) -> None:
 
 
 def _grid_values(name: str, values: Sequence[float | int]) -> list[float]:
-    out = [float(v) for v in values]
-    if not out or any(not math.isfinite(v) or v < 0 for v in out):
+    """``values`` as floats: a non-empty list of finite numbers >= 0 (bools refused)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+        raise ValueError(f"{name} must be a non-empty list of finite numbers >= 0, got {values!r}.")
+    out = [finite_float(f"{name}[{i}]", v) for i, v in enumerate(values)]
+    if any(v < 0 for v in out):
         raise ValueError(f"{name} must be a non-empty list of finite numbers >= 0, got {values!r}.")
     return out
+
+
+def _int_list(name: str, values: Sequence[int] | int) -> list[int]:
+    """``values`` (or one int) as a non-empty list of ints >= 0 (bools refused)."""
+    if isinstance(values, int) and not isinstance(values, bool):
+        values = [values]
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+        raise ValueError(f"{name} must be a non-empty list of integers >= 0, got {values!r}.")
+    return [nonneg_int(f"{name}[{i}]", v) for i, v in enumerate(values)]
 
 
 def pareto_grid(
@@ -158,6 +206,11 @@ def pareto_grid(
     if unknown or not methods:
         raise ValueError(f"methods {list(methods)!r}: choose from {sorted(METHODS)}.")
     grids = [_grid_values(n, v) for n, v in (("lambda_f", lambda_f), ("lambda_m", lambda_m), ("margins", margins))]
+    seeds, layers = _int_list("seeds", seeds), None if layers is None else _int_list("layers", layers)
+    epochs, batch_size = positive_int("epochs", epochs), positive_int("batch_size", batch_size)
+    lr = None if lr is None else finite_float("lr", lr)
+    if finite_float("init_std", init_std) < 0:
+        raise ValueError(f"init_std must be a finite number >= 0, got {init_std}.")
     if train_ds.n_pos != test_ds.n_pos:
         raise ValueError(f"train and test prompts differ in length ({train_ds.n_pos} vs {test_ds.n_pos}) "
                          "tokens; position-bound interventions need one length: build both from one dataset.")
