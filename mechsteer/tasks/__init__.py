@@ -9,7 +9,7 @@ TASKS = {"ccc": ccc, "ioi": ioi}
 
 def make_task(name: str, model, n: int | None = 64, seed: int = 0, **kwargs) -> ContrastiveDataset:
     """Build the contrastive task called ``name`` ("ccc" or "ioi") for ``model``."""
-    if name not in TASKS:
+    if not isinstance(name, str) or name not in TASKS:
         raise ValueError(f"Unknown task {name!r}; choose one of {sorted(TASKS)}.")
     return TASKS[name](model, n=n, seed=seed, **kwargs)
 

@@ -9,6 +9,7 @@ prompts is kept. Generation is deterministic given a seed.
 
 from __future__ import annotations
 
+import numbers
 import random
 import warnings
 from collections import Counter
@@ -18,6 +19,8 @@ from typing import Any, Sequence
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+
+from mechsteer._validate import check_finite, nonneg_int, positive_int
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,10 @@ class ContrastiveDataset:
 
     ``tokens`` and ``corrupted_tokens`` are ``(batch, pos)``; ``correct`` and ``wrong``
     are ``(batch,)`` token ids of the answers at the last position.
+
+    Construction checks what needs no model: integer ids >= 0, matching shapes and list
+    lengths, at least one item. ``validate_for(model)`` checks the ids against the model's
+    vocabulary and context; ``build_dataset``, ``logit_diffs`` and ``evaluate`` call it.
     """
 
     name: str
@@ -53,6 +60,54 @@ class ContrastiveDataset:
     seed: int
     meta: list[dict[str, Any]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if not len(self.prompts):
+            raise ValueError(f"Dataset {self.name!r} is empty (0 prompts); a dataset needs at least one item.")
+        n = len(self.prompts)
+        for key, ndim in (("tokens", 2), ("corrupted_tokens", 2), ("correct", 1), ("wrong", 1)):
+            x = getattr(self, key)
+            if not isinstance(x, Tensor) or x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
+                got = f"{x.dtype} tensor" if isinstance(x, Tensor) else type(x).__name__
+                raise TypeError(f"{key} must be a tensor of integer token ids (torch.long), got a {got}; "
+                                "build it with model.to_tokens(...) or torch.tensor(ids, dtype=torch.long).")
+            want = "(batch, pos)" if ndim == 2 else "(batch,)"
+            if x.ndim != ndim or x.shape[0] != n or x.shape[-1] == 0:
+                raise ValueError(f"{key} has shape {tuple(x.shape)}; expected {want} with batch = {n} "
+                                 "(one row per prompt) and pos >= 1.")
+            if x.numel() and int(x.min()) < 0:
+                raise ValueError(f"{key} holds a negative token id ({int(x.min())}); token ids are >= 0.")
+        if self.corrupted_tokens.shape != self.tokens.shape:
+            raise ValueError(f"corrupted_tokens has shape {tuple(self.corrupted_tokens.shape)}, tokens "
+                             f"{tuple(self.tokens.shape)}; clean and corrupted prompts must have one token length.")
+        for key in ("corrupted_prompts", "correct_answers", "wrong_answers", "str_tokens"):
+            if len(getattr(self, key)) != n:
+                raise ValueError(f"{key} has {len(getattr(self, key))} entries for {n} prompts; give one per prompt.")
+        if self.meta and len(self.meta) != n:
+            raise ValueError(f"meta has {len(self.meta)} entries for {n} prompts; give one per prompt or none.")
+
+    def validate_for(self, model) -> "ContrastiveDataset":
+        """Return self if every token and answer id exists in ``model``'s vocabulary and the
+        prompts fit its context; else ValueError naming the field, the id and the limit.
+
+        >>> from mechsteer.tiny import tiny_model
+        >>> model = tiny_model("gpt2")
+        >>> ds = build_dataset("toy", model, [Candidate("a b", "a c", " Paris", " Rome")], n=None, seed=0, min_items=1)
+        >>> ds.validate_for(model) is ds
+        True
+        """
+        cfg = getattr(model, "cfg", None)
+        if cfg is None or not hasattr(cfg, "d_vocab"):
+            raise TypeError(f"model must be a TransformerLens model with .cfg.d_vocab, got {type(model).__name__}.")
+        for key in ("tokens", "corrupted_tokens", "correct", "wrong"):
+            top = int(getattr(self, key).max())
+            if top >= cfg.d_vocab:
+                raise ValueError(f"{key} holds token id {top}, beyond the model's vocabulary (d_vocab = {cfg.d_vocab}, "
+                                 "ids 0..d_vocab-1); build the dataset with this model's tokenizer.")
+        n_ctx = getattr(cfg, "n_ctx", None)
+        if isinstance(n_ctx, int) and self.n_pos > n_ctx:
+            raise ValueError(f"The prompts have {self.n_pos} tokens, more than the model's context (n_ctx = {n_ctx}).")
+        return self
+
     def __len__(self) -> int:
         return len(self.prompts)
 
@@ -68,7 +123,19 @@ class ContrastiveDataset:
 
     def subset(self, index: Sequence[int] | slice) -> "ContrastiveDataset":
         """The items at ``index`` (a slice or a list of ints), as a new dataset."""
+        if hasattr(index, "tolist") and not isinstance(index, (list, tuple)):  # a tensor or an array
+            index = index.tolist()
+        if isinstance(index, (str, bytes)) or not isinstance(index, (slice, Sequence, range)):
+            raise TypeError(f"index must be a slice or a list of ints, got {type(index).__name__} ({index!r}).")
         idx = list(range(len(self)))[index] if isinstance(index, slice) else list(index)
+        bad = [i for i in idx if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
+        if bad:
+            raise TypeError(f"index must hold ints, got {bad[0]!r} ({type(bad[0]).__name__}).")
+        out = [i for i in idx if not -len(self) <= i < len(self)]
+        if out:
+            raise ValueError(f"index {out[0]} is out of range: this dataset has {len(self)} items (0..{len(self) - 1}).")
+        if not idx:
+            raise ValueError(f"index {index!r} selects no items; a dataset needs at least one.")
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
         t = torch.tensor(idx, dtype=torch.long)
         return replace(
@@ -121,14 +188,19 @@ class ContrastiveDataset:
 
     @torch.no_grad()
     def logit_diffs(self, model, batch_size: int = 32) -> tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]]:
-        """Per-prompt f_c - f_w at the last position on the clean and the corrupted prompts."""
+        """Per-prompt f_c - f_w at the last position on the clean and the corrupted prompts.
+
+        Raises FloatingPointError when the model's last-position logits are not finite."""
         from mechsteer.metrics import logit_diff
 
+        batch_size = positive_int("batch_size", batch_size)
+        self.validate_for(model)
         out: dict[str, list[Tensor]] = {"clean": [], "corrupted": []}
         for start in range(0, len(self), batch_size):
             sl = slice(start, start + batch_size)
             for key, toks in (("clean", self.tokens), ("corrupted", self.corrupted_tokens)):
                 logits = model(toks[sl].to(model.cfg.device))
+                check_finite(f"{self.name}: model logits at the last position of the {key} prompts", logits[:, -1])
                 out[key].append(logit_diff(logits, self.correct[sl], self.wrong[sl], reduce="none").cpu())
         return torch.cat(out["clean"]), torch.cat(out["corrupted"])
 
@@ -143,6 +215,24 @@ class ContrastiveDataset:
             "corrupted_accuracy": (corrupt > 0).float().mean().item(),
             "corrupted_logit_diff": corrupt.mean().item(),
         }
+
+
+def template_indices(task: str, template, n_templates: int) -> list[int]:
+    """``template`` (an index, a list of indices or None for all) as a non-empty list of
+    indices in ``0..n_templates-1``; TypeError/ValueError naming the bad entry otherwise."""
+    if template is None:
+        return list(range(n_templates))
+    if isinstance(template, (str, bytes)) or not isinstance(template, (numbers.Integral, Sequence, range)):
+        raise TypeError(f"template must be an int, a list of ints or None, got {type(template).__name__} ({template!r}).")
+    chosen = [template] if isinstance(template, numbers.Integral) else list(template)
+    if not chosen:
+        raise ValueError("template is an empty list; give an index, a list of indices or None (all templates).")
+    for t in chosen:
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            raise TypeError(f"{task.upper()} template index must be an int, got {t!r} ({type(t).__name__}).")
+        if not 0 <= t < n_templates:
+            raise ValueError(f"{task.upper()} template index {t!r} out of range 0..{n_templates - 1}.")
+    return [int(t) for t in chosen]
 
 
 def single_token(tokenizer, text: str) -> int | None:
@@ -167,6 +257,9 @@ def build_dataset(
     from the most common one), ``duplicate``. Raises ValueError when fewer than
     ``min_items`` remain, naming the counts.
     """
+    n = positive_int("n", n, allow_none=True)
+    seed = nonneg_int("seed", seed)
+    min_items = positive_int("min_items", min_items)
     tokenizer = model.tokenizer
     dropped: Counter[str] = Counter()
     kept: list[tuple[Candidate, list[int], list[int], int, int]] = []
@@ -220,4 +313,4 @@ def build_dataset(
         dropped={k: v for k, v in dropped.items() if v},
         seed=seed,
         meta=[k[0].meta for k in kept],
-    )
+    ).validate_for(model)

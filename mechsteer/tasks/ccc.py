@@ -20,30 +20,25 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from mechsteer.tasks.base import Candidate, ContrastiveDataset, build_dataset
+from mechsteer._validate import nonneg_int, positive_int
+from mechsteer.tasks.base import Candidate, ContrastiveDataset, build_dataset, template_indices
 from mechsteer.tasks.data import CCC_EXCLUDE, CCC_TEMPLATES, COUNTRY_CAPITALS
 
 
 def _template_indices(template: int | Sequence[int] | None) -> list[int]:
-    if template is None:
-        chosen = list(range(len(CCC_TEMPLATES)))
-    else:
-        chosen = [template] if isinstance(template, int) else list(template)
-    if not chosen:
-        raise ValueError("template is an empty list; give an index, a list of indices or None (all templates).")
-    for t in chosen:
-        if not isinstance(t, int) or not 0 <= t < len(CCC_TEMPLATES):
-            raise ValueError(f"CCC template index {t!r} out of range 0..{len(CCC_TEMPLATES) - 1}.")
-    return chosen
+    return template_indices("ccc", template, len(CCC_TEMPLATES))
 
 
 def ccc_candidates(seed: int = 0, per_country: int = 3, templates: Sequence[int] = (0,)) -> list[Candidate]:
     """All CCC candidates: each country paired with ``per_country`` wrong capitals, in
     each chosen template (indices into ``CCC_TEMPLATES``)."""
-    templates = _template_indices(list(templates))
-    rng = random.Random(seed)
+    templates = _template_indices(templates)
+    rng = random.Random(nonneg_int("seed", seed))
     pairs = [(c, k) for c, k in COUNTRY_CAPITALS if k not in CCC_EXCLUDE and c != k]
     capitals = [k for _, k in pairs]
+    per_country = positive_int("per_country", per_country)
+    if per_country > len(capitals) - 1:
+        raise ValueError(f"per_country must be at most {len(capitals) - 1} (the other capitals), got {per_country}.")
     out = []
     for country, capital in pairs:
         others = [k for k in capitals if k != capital]
@@ -75,4 +70,5 @@ def ccc(model, n: int | None = 64, seed: int = 0, template: int | list[int] | No
     >>> short.prompts[0].endswith("? A:"), short.n_pos < ds.n_pos
     (True, True)
     """
+    n, seed = positive_int("n", n, allow_none=True), nonneg_int("seed", seed)
     return build_dataset("ccc", model, ccc_candidates(seed, templates=_template_indices(template)), n=n, seed=seed)

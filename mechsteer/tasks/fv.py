@@ -58,6 +58,8 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechsteer._validate import nonneg_int, positive_int
+
 STYLES = ("instruction", "chat", "icl", "zero_shot")
 INSTRUCTION_TEMPLATE = "{instruction}\nQ: {input}\nA:"
 ZERO_SHOT_TEMPLATE = "\nQ: {input}\nA:"
@@ -129,8 +131,7 @@ class FVPrompts:
 
         Every batch has one token length, so position -1 is every prompt's last token.
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        batch_size = positive_int("batch_size", batch_size)
         by_len: dict[int, list[int]] = {}
         for i, t in enumerate(self.tokens):
             by_len.setdefault(len(t), []).append(i)
@@ -304,8 +305,7 @@ def fv_prompts(
     t = task if isinstance(task, FVTask) else load_task(task)
     if style not in STYLES:
         raise ValueError(f"Unknown style {style!r}; choose one of {STYLES}.")
-    if n is not None and n < 1:
-        raise ValueError(f"n must be >= 1 or None (all pairs), got {n}.")
+    n, seed, n_shots = positive_int("n", n, allow_none=True), nonneg_int("seed", seed), nonneg_int("n_shots", n_shots)
     rng = random.Random(seed)
     order = list(range(len(t.pairs)))
     rng.shuffle(order)
@@ -421,7 +421,7 @@ def corrupt(model, prompts: FVPrompts, seed: int = 0) -> FVPrompts:
     ('instruction/corrupted', True, True)
     """
     base = prompts.style
-    rng = random.Random(seed)
+    rng = random.Random(nonneg_int("seed", seed))
     if base in ("instruction", "chat"):
         if len(prompts.instruction_positions) != len(prompts) or not all(prompts.instruction_positions):
             raise ValueError("These prompts record no instruction_positions; build them with fv_prompts().")
@@ -453,6 +453,7 @@ def top_k_predictions(
     model, prompts: FVPrompts, k: int = 1, batch_size: int = 32, progress: bool = True
 ) -> Int[Tensor, "batch k"]:
     """The model's ``k`` most likely next tokens at each prompt's last position (on CPU)."""
+    k, batch_size = positive_int("k", k), positive_int("batch_size", batch_size)
     out = torch.empty(len(prompts), k, dtype=torch.long)
     groups = list(prompts.batches(batch_size))
     for idx, toks in tqdm(groups, desc=f"{prompts.task} top-{k}", disable=not progress):
@@ -494,6 +495,7 @@ def split(prompts: FVPrompts, fraction: float = 0.25, seed: int = 0) -> tuple[FV
     >>> len(train), len(test), set(train.inputs) & set(test.inputs)
     (12, 4, set())
     """
+    seed = nonneg_int("seed", seed)
     inputs = sorted(set(prompts.inputs))
     n_test = round(len(inputs) * fraction)
     if not 0 < fraction < 1 or not 0 < n_test < len(inputs):
@@ -561,6 +563,7 @@ def task_accuracy(
     >>> df["task"].tolist(), bool(df["usable"].any())
     (['antonym', 'capitalize'], False)
     """
+    min_correct, n_instructions = nonneg_int("min_correct", min_correct), positive_int("n_instructions", n_instructions)
     table = instruction_accuracy(model, tasks, **kwargs) if table is None else table
     rows = []
     for name, g in table.groupby("task", sort=False):

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import random
 
-from mechsteer.tasks.base import Candidate, ContrastiveDataset, build_dataset
+from mechsteer._validate import nonneg_int, positive_int
+from mechsteer.tasks.base import Candidate, ContrastiveDataset, build_dataset, template_indices
 from mechsteer.tasks.data import IOI_TEMPLATES, NAMES, OBJECTS, PLACES
 
 
@@ -23,12 +24,10 @@ def _fill(template: str, a: str, b: str, second: str, obj: str, place: str) -> s
 
 def ioi_candidates(seed: int = 0, n_per_template: int = 200, templates: list[int] | None = None) -> list[Candidate]:
     """IOI candidates from the chosen templates (indices into ``IOI_TEMPLATES``)."""
-    rng = random.Random(seed)
-    chosen = range(len(IOI_TEMPLATES)) if templates is None else templates
+    rng = random.Random(nonneg_int("seed", seed))
+    n_per_template = positive_int("n_per_template", n_per_template)
     out = []
-    for t in chosen:
-        if not 0 <= t < len(IOI_TEMPLATES):
-            raise ValueError(f"IOI template index {t} out of range 0..{len(IOI_TEMPLATES) - 1}.")
+    for t in template_indices("ioi", templates, len(IOI_TEMPLATES)):
         template = IOI_TEMPLATES[t]
         for _ in range(n_per_template):
             a, b = rng.sample(NAMES, 2)
@@ -56,5 +55,6 @@ def ioi(model, n: int | None = 64, seed: int = 0, template: int | list[int] | No
     >>> ds.prompts[0].startswith("When"), len(ds)
     (True, 8)
     """
-    templates = [template] if isinstance(template, int) else template
+    n, seed = positive_int("n", n, allow_none=True), nonneg_int("seed", seed)
+    templates = template_indices("ioi", template, len(IOI_TEMPLATES))
     return build_dataset("ioi", model, ioi_candidates(seed, templates=templates), n=n, seed=seed)
