@@ -10,16 +10,23 @@ All take logits of shape ``(batch, pos, vocab)`` (read at ``pos``, default the l
 - ``answer_rank``: 0 when the answer is the top token.
 - ``accuracy``: whether the answer is among the top k tokens.
 - ``normalize``: (x - x_corrupted) / (x_clean - x_corrupted), so 1 = clean, 0 = corrupted.
+
+Answer ids are checked against the vocabulary (``0..vocab-1``), and a metric that comes out
+NaN or infinite raises ``FloatingPointError`` naming the metric (one ``isfinite`` on the
+small result) instead of passing the NaN on to a heatmap.
 """
 
 from __future__ import annotations
 
+import numbers
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
+
+from mechsteer._validate import check_finite, positive_int
 
 Reduce = Literal["mean", "sum", "none"]
 Logits = Float[Tensor, "batch pos vocab"] | Float[Tensor, "batch vocab"]
@@ -33,15 +40,28 @@ def last_logits(logits: Logits, pos: int | Int[Tensor, " batch"] = -1) -> Float[
         raise ValueError(f"Expected logits of shape (batch, pos, vocab) or (batch, vocab), got {tuple(logits.shape)}.")
     if isinstance(pos, Tensor):
         return logits[torch.arange(logits.shape[0], device=logits.device), pos.to(logits.device)]
+    n = logits.shape[1]
+    if isinstance(pos, bool) or not isinstance(pos, numbers.Integral) or not -n <= pos < n:
+        raise ValueError(f"pos must be an int in -{n}..{n - 1} (the logits have {n} positions) or a tensor, got {pos!r}.")
     return logits[:, pos]
 
 
-def _ids(ids: Int[Tensor, " batch"] | int, batch: int, device) -> Int[Tensor, " batch"]:
+def _ids(
+    ids: Int[Tensor, " batch"] | int, batch: int, device, name: str = "answer", vocab: int | None = None
+) -> Int[Tensor, " batch"]:
+    """``ids`` as a ``(batch,)`` tensor on ``device``, each in ``0..vocab-1`` when ``vocab`` is given."""
+    got = ids
     ids = torch.as_tensor(ids, device=device)
+    if isinstance(got, bool) or ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"{name} must be integer token ids, got {ids.dtype} values ({type(got).__name__}).")
     if ids.ndim == 0:
         ids = ids.expand(batch)
     if ids.shape != (batch,):
-        raise ValueError(f"Expected answer ids of shape ({batch},), got {tuple(ids.shape)}.")
+        raise ValueError(f"Expected {name} ids of shape ({batch},), got {tuple(ids.shape)}.")
+    if vocab is not None:
+        lo, hi = torch.stack((ids.min(), ids.max())).tolist()  # one read; a bad id indexes silently (< 0) or fails deep
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"{name} holds token id {lo if lo < 0 else hi}; ids must be in 0..{vocab - 1} (the logits' vocab).")
     return ids
 
 
@@ -66,33 +86,37 @@ def logit_diff(
     """
     f = last_logits(logits, pos)
     idx = torch.arange(f.shape[0], device=f.device)
-    d = f[idx, _ids(correct, f.shape[0], f.device)] - f[idx, _ids(wrong, f.shape[0], f.device)]
-    return _reduce(d, reduce)
+    B, V = f.shape
+    d = f[idx, _ids(correct, B, f.device, "correct", V)] - f[idx, _ids(wrong, B, f.device, "wrong", V)]
+    return check_finite("logit_diff", _reduce(d, reduce))
 
 
 def answer_prob(logits: Logits, answer: Int[Tensor, " batch"], *, pos=-1, reduce: Reduce = "mean") -> Tensor:
     """softmax(f)_a at ``pos``."""
     f = last_logits(logits, pos)
     p = f.float().softmax(-1)
-    return _reduce(p[torch.arange(f.shape[0], device=f.device), _ids(answer, f.shape[0], f.device)], reduce)
+    pa = p[torch.arange(f.shape[0], device=f.device), _ids(answer, f.shape[0], f.device, "answer", f.shape[1])]
+    return check_finite("answer_prob", _reduce(pa, reduce))
 
 
 def kl_div(p_logits: Logits, q_logits: Logits, *, pos=-1, reduce: Reduce = "mean") -> Tensor:
     """KL(softmax(f_p) || softmax(f_q)) over the vocabulary, at ``pos`` (>= 0, 0 iff equal)."""
     lp = last_logits(p_logits, pos).float().log_softmax(-1)
     lq = last_logits(q_logits, pos).float().log_softmax(-1)
-    return _reduce(F.kl_div(lq, lp, log_target=True, reduction="none").sum(-1), reduce)
+    return check_finite("kl_div", _reduce(F.kl_div(lq, lp, log_target=True, reduction="none").sum(-1), reduce))
 
 
 def answer_rank(logits: Logits, answer: Int[Tensor, " batch"], *, pos=-1) -> Int[Tensor, " batch"]:
     """Rank of the answer among all tokens at ``pos``: 0 when it is the top token."""
     f = last_logits(logits, pos)
-    a = f[torch.arange(f.shape[0], device=f.device), _ids(answer, f.shape[0], f.device)]
+    a = f[torch.arange(f.shape[0], device=f.device), _ids(answer, f.shape[0], f.device, "answer", f.shape[1])]
+    check_finite("answer_rank (the answer's logit)", a)  # a only, to stay cheap: a NaN elsewhere compares False
     return (f > a[:, None]).sum(-1)
 
 
 def accuracy(logits: Logits, answer: Int[Tensor, " batch"], *, k: int = 1, pos=-1, reduce: Reduce = "mean") -> Tensor:
     """1.0 where the answer is among the top ``k`` tokens at ``pos``."""
+    k = positive_int("k", k)
     return _reduce((answer_rank(logits, answer, pos=pos) < k).float(), reduce)
 
 
@@ -104,7 +128,7 @@ def normalize(x: Tensor, clean: Tensor | float, corrupted: Tensor | float) -> Te
             f"Cannot normalise: the clean and corrupted metric values are equal ({float(clean):.4g}); "
             "the task does not separate them."
         )
-    return (x - corrupted) / denom
+    return check_finite("normalize", (x - corrupted) / denom)
 
 
 METRICS = {
