@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -69,7 +70,7 @@ def get_site(site: str) -> Site:
 
 def _check_layer(model, layer: int) -> None:
     n = model.cfg.n_layers
-    if not isinstance(layer, int) or not 0 <= layer < n:
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
         raise ValueError(f"Layer {layer!r} is out of range: this model has layers 0..{n - 1}.")
 
 
@@ -120,6 +121,18 @@ class Location:
     pos: int | None = None
     head: int | None = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.site, str):
+            raise TypeError(f"Location site must be a site name (str), got {self.site!r}; known sites: {', '.join(SITES)}.")
+        for key in ("layer", "pos", "head"):
+            value = getattr(self, key)
+            if value is None and key != "layer":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                none = "" if key == "layer" else " or None"
+                raise TypeError(f"Location {key} must be an int{none}, got {value!r} ({type(value).__name__}).")
+            object.__setattr__(self, key, int(value))
+
     def validate(self, model, n_pos: int | None = None) -> "Location":
         """Return self if it exists on ``model`` (prompts of ``n_pos`` tokens); else ValueError."""
         s = get_site(self.site)
@@ -164,7 +177,8 @@ def hooked(
 
     Yields a dict ``{hook name: number of calls}`` (for forward hooks: "fwd:name",
     backward: "bwd:name"). On leaving the block normally, any hook that never fired
-    raises ``HookNotFiredError``; hooks are removed on every exit path.
+    raises ``HookNotFiredError``; hooks are removed on every exit path. A hook that
+    returns a tensor of another shape than its input raises ValueError naming the hook.
 
     >>> from mechsteer.tiny import tiny_model
     >>> model = tiny_model("gpt2")
@@ -181,7 +195,15 @@ def hooked(
 
         def wrapped(act, hook):
             calls[key] += 1
-            return fn(act, hook)
+            out = fn(act, hook)
+            if isinstance(out, torch.Tensor) and isinstance(act, torch.Tensor) and out.shape != act.shape:
+                raise ValueError(
+                    f"The {kind} hook at {name!r} returned shape {tuple(out.shape)}, but its input has shape "
+                    f"{tuple(act.shape)}; a hook must return a tensor of its input's shape (or None)."
+                )
+            if kind == "fwd" and out is not None and not isinstance(out, torch.Tensor):
+                raise TypeError(f"The fwd hook at {name!r} returned {type(out).__name__}; return a tensor or None.")
+            return out
 
         return wrapped
 

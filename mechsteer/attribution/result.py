@@ -16,11 +16,14 @@ converts to a tidy DataFrame, ranks its top-k locations and plots itself.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
+
+from mechsteer._validate import positive_int
 
 AXES = ("site", "layer", "head", "pos")
 
@@ -40,6 +43,8 @@ class AttributionResult:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.scores, Tensor):
+            raise TypeError(f"scores must be a tensor, got {type(self.scores).__name__}.")
         self.axes = tuple(self.axes)
         unknown = [a for a in self.axes if a not in AXES]
         if unknown:
@@ -58,8 +63,16 @@ class AttributionResult:
                 raise ValueError(f"{len(labels)} labels for axis {axis!r} of size {self.scores.shape[self.axes.index(axis)]}.")
 
     # ---- views -------------------------------------------------------------------------
+    def _axis(self, axis: str, axes: Sequence[str] | None = None) -> int:
+        """Position of ``axis`` in ``axes`` (default this result's); ValueError naming them otherwise."""
+        axes = tuple(self.axes if axes is None else axes)
+        if axis not in axes:
+            raise ValueError(f"This result has no axis {axis!r}; its axes are {axes}.")
+        return axes.index(axis)
+
     def axis_labels(self, axis: str) -> list[str]:
         """Tick labels of ``axis`` (given labels, else indices)."""
+        self._axis(axis)
         if axis in self.labels:
             return list(self.labels[axis])
         return [str(i) for i in range(self.scores.shape[self.axes.index(axis)])]
@@ -68,10 +81,18 @@ class AttributionResult:
         """Fix axes by index or label, e.g. ``result.select(site="attn_out")``."""
         scores, per_prompt, axes, labels = self.scores, self.per_prompt, list(self.axes), dict(self.labels)
         for axis, value in index.items():
-            if axis not in axes:
-                raise ValueError(f"This result has no axis {axis!r}; its axes are {tuple(axes)}.")
-            i = self.axis_labels(axis).index(value) if isinstance(value, str) else value
-            d = axes.index(axis)
+            d = self._axis(axis, axes)
+            names, size = self.axis_labels(axis), scores.shape[d]
+            if isinstance(value, str):
+                if value not in names:
+                    raise ValueError(f"select({axis}={value!r}): no such label; {axis} labels are {names}.")
+                i = names.index(value)
+            elif isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"select({axis}=...) takes an int index or a str label, got {value!r} ({type(value).__name__}).")
+            elif not -size <= value < size:
+                raise ValueError(f"select({axis}={value}) is out of range: axis {axis!r} has {size} entries (0..{size - 1}).")
+            else:
+                i = int(value)
             scores = scores.select(d, i)
             per_prompt = per_prompt.select(d + 1, i) if per_prompt is not None else None
             axes.pop(d)
@@ -80,7 +101,7 @@ class AttributionResult:
 
     def sum(self, axis: str) -> "AttributionResult":
         """Sum over ``axis`` (e.g. heads per position -> heads summed over positions)."""
-        d = self.axes.index(axis)
+        d = self._axis(axis)
         labels = {k: v for k, v in self.labels.items() if k != axis}
         pp = self.per_prompt.sum(d + 1) if self.per_prompt is not None else None
         return replace(self, scores=self.scores.sum(d), per_prompt=pp, axes=self.axes[:d] + self.axes[d + 1 :], labels=labels)
@@ -108,6 +129,7 @@ class AttributionResult:
 
     def top_k(self, k: int = 10, by: str = "abs"):
         """The ``k`` locations with the largest scores (``by="abs"``, ``"pos"`` or ``"neg"``)."""
+        k = positive_int("k", k)
         df = self.to_frame()
         key = {"abs": df["score"].abs(), "pos": df["score"], "neg": -df["score"]}.get(by)
         if key is None:
@@ -152,6 +174,12 @@ class AttributionResult:
 
 def stack_sites(results: Sequence[AttributionResult], sites: Sequence[str]) -> AttributionResult:
     """Stack per-site results of one method into one result with a leading ``site`` axis."""
+    results, sites = list(results), list(sites)
+    if not results or len(results) != len(sites):
+        raise ValueError(f"Give one result per site: got {len(results)} result(s) for sites {sites}.")
+    shapes = {(r.axes, tuple(r.scores.shape)) for r in results}
+    if len(shapes) > 1:
+        raise ValueError(f"Results to stack must share axes and shape; got {sorted(shapes)}.")
     first = results[0]
     pp = None
     if all(r.per_prompt is not None for r in results):
