@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from mechsteer._validate import check_finite
 from mechsteer.metrics import logit_diff
 from mechsteer.sites import get_site
 from mechsteer.tasks.base import ContrastiveDataset
@@ -43,8 +44,19 @@ def check_metric_output(value: Tensor, name: str = "metric") -> Tensor:
     return value.reshape(())
 
 
-def check_dataset(ds: ContrastiveDataset, corrupted: ContrastiveDataset | None = None) -> None:
-    """Raise ValueError when clean and corrupted prompts cannot be compared position by position."""
+def check_metric_values(method: str, clean: Tensor, corrupted: Tensor) -> None:
+    """FloatingPointError unless the clean and corrupted metric values are finite: a NaN
+    weight or an overflow shows up here, before it turns every score into NaN."""
+    check_finite(f"{method}: metric on the clean prompts", clean.detach())
+    check_finite(f"{method}: metric on the corrupted prompts", corrupted.detach())
+
+
+def check_dataset(
+    ds: ContrastiveDataset, corrupted: ContrastiveDataset | None = None, *, model=None
+) -> None:
+    """Raise ValueError when clean and corrupted prompts cannot be compared position by
+    position, or (given ``model``) when a token or answer id is outside its vocabulary
+    (``ContrastiveDataset.validate_for``; else a bare IndexError comes from deep inside)."""
     if not isinstance(ds, ContrastiveDataset):
         raise TypeError(f"Expected a ContrastiveDataset (mechsteer.tasks), got {type(ds).__name__}.")
     if ds.tokens.shape != ds.corrupted_tokens.shape:
@@ -54,15 +66,34 @@ def check_dataset(ds: ContrastiveDataset, corrupted: ContrastiveDataset | None =
         )
     if corrupted is not None and len(corrupted) != len(ds):
         raise ValueError(f"Clean and corrupted datasets differ in size: {len(ds)} vs {len(corrupted)}.")
+    if model is not None:
+        ds.validate_for(model)
 
 
-def check_sites(sites: Sequence[str] | str, allowed: Sequence[str]) -> list[str]:
-    """Validate site names against the ones a method supports."""
-    sites = [sites] if isinstance(sites, str) else list(sites)
+def check_sites(
+    sites: Sequence[str] | str, allowed: Sequence[str], *, name: str = "site", hints: Mapping[str, str] | None = None
+) -> list[str]:
+    """Validate site names against the ones a method supports: a non-empty str or list of
+    distinct names; ``name`` is the argument named in errors, ``hints`` extra advice per site."""
+    if isinstance(sites, str):
+        sites = [sites]
+    elif isinstance(sites, Sequence):
+        sites = list(sites)
+    else:
+        raise TypeError(f"{name} must be a site name or a list of them, got {type(sites).__name__}: {sites!r}.")
+    if not sites:
+        raise ValueError(f"{name} is empty ({sites!r}); pass at least one site of {list(allowed)}.")
     for s in sites:
+        if not isinstance(s, str):
+            raise TypeError(f"{name} must hold site names (str), got {s!r} ({type(s).__name__}) in {sites!r}.")
         get_site(s)  # unknown name -> ValueError with a suggestion
         if s not in allowed:
-            raise ValueError(f"This method does not support site {s!r}; it supports {list(allowed)}.")
+            hint = (hints or {}).get(s, "")
+            raise ValueError(
+                f"This method does not support site {s!r} ({name}={sites!r}); it supports sites {list(allowed)}.{hint}"
+            )
+    if len(set(sites)) != len(sites):
+        raise ValueError(f"{name} names a site twice: {sites!r}; pass each site once.")
     return sites
 
 

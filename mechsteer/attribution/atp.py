@@ -46,10 +46,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechsteer._validate import check_finite
 from mechsteer.attribution._common import (
     Metric,
     check_dataset,
     check_metric_output,
+    check_metric_values,
     check_sites,
     per_prompt_metric,
     timer,
@@ -147,10 +149,8 @@ def attribution_patching_all(
     >>> out["attn_out"].axes, out["z"].axes
     (('layer', 'pos'), ('layer', 'head', 'pos'))
     """
-    check_dataset(ds)
-    sites = check_sites(sites, ATP_SITES)
-    if not sites:
-        raise ValueError(f"Pass at least one site; supported: {list(ATP_SITES)}.")
+    check_dataset(ds, model=model)
+    sites = check_sites(sites, ATP_SITES, name="sites")
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be 'noising' or 'denoising', got {direction!r}.")
     if metric is not None and not callable(metric):
@@ -168,6 +168,7 @@ def attribution_patching_all(
         acts, grads, m_base = _grad_pass(model, base, flat, ds, metric)
         acts_other, m_other = _cache_pass(model, other, flat, ds, metric)
         m_clean, m_corr = (m_base, m_other) if direction == "noising" else (m_other, m_base)
+        check_metric_values("attribution_patching", m_clean, m_corr)
         sign = -1.0 if direction == "noising" else 1.0
         out: dict[str, tuple[Tensor, Tensor | None]] = {}
         for s in sites:
@@ -183,7 +184,7 @@ def attribution_patching_all(
             if per_prompt:
                 gap = _gap(m_clean, m_corr, "logit differences of some prompts")
                 pp = sign * raw / gap.reshape(-1, *[1] * (raw.ndim - 1))
-            out[s] = (scores, pp)
+            out[s] = (check_finite(f"attribution_patching: scores at site {s!r}", scores), pp)
     metric_name = "logit_diff" if metric is None else getattr(metric, "__name__", "custom")
     meta = {
         "direction": direction,
@@ -232,6 +233,11 @@ def attribution_patching(
     >>> tuple(r.sum("pos").scores.shape)  # per-head totals: (layer, head)
     (2, 4)
     """
+    if not isinstance(site, str):
+        raise TypeError(
+            f"site must be one site name (str), got {site!r}; for several sites use "
+            f"attribution_patching_all(model, ds, sites=[...]) (sites {list(ATP_SITES)})."
+        )
     return attribution_patching_all(
         model, ds, sites=(site,), direction=direction, metric=metric, per_prompt=per_prompt
     )[site]

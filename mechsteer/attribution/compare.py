@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from mechsteer._validate import check_finite, positive_int
 from mechsteer.attribution.result import AttributionResult
 
 
@@ -52,6 +53,7 @@ def _rank(x: Tensor) -> Tensor:
 
 def top_k_set(result: AttributionResult, k: int) -> set[int]:
     """Flat indices of the ``k`` locations with the largest absolute score."""
+    k = positive_int("k", k)
     return set(result.flat().abs().topk(min(k, result.flat().numel())).indices.tolist())
 
 
@@ -91,11 +93,19 @@ def compare(
     """
     from mechsteer.plots import facet_heatmaps
 
+    k = positive_int("k", k)
     if len(results) < 2:
         raise ValueError(f"compare needs at least two results, got {len(results)}.")
+    bad = [type(r).__name__ for r in results if not isinstance(r, AttributionResult)]
+    if bad:
+        raise TypeError(f"results must be AttributionResults, got {bad}.")
     names = list(names) if names is not None else [r.method for r in results]
+    if len(names) != len(results):
+        raise ValueError(f"names has {len(names)} entries ({names}) for {len(results)} results; give one per result.")
     if len(set(names)) != len(names):
         raise ValueError(f"Method names must be unique to compare them; got {names}. Pass names=[...].")
+    for r, n in zip(results, names):
+        check_finite(f"compare: scores of {n!r}", r.scores)
     first = results[0]
     for r, n in zip(results[1:], names[1:]):
         if r.axes != first.axes or r.scores.shape != first.scores.shape:

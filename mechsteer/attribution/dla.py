@@ -56,7 +56,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechsteer.attribution._common import check_dataset, timer
+from mechsteer._validate import check_finite
+from mechsteer.attribution._common import check_dataset, check_sites, timer
 from mechsteer.attribution.result import AttributionResult
 from mechsteer.metrics import logit_diff
 from mechsteer.sites import hooked
@@ -65,6 +66,7 @@ from mechsteer.tasks.base import ContrastiveDataset
 DLA_SITES = ("z", "attn_out", "mlp_out")
 DLA_METRICS = ("logit_diff", "logit")
 POST_NORM_HOOK = "blocks.{layer}.ln1_post.hook_scale"  # Gemma-2/3 style post-attention norm
+SITE_HINTS = {s: " (use 'attn_out' or 'mlp_out' for layer x position)" for s in ("resid_pre", "resid_post")}
 
 
 @dataclass
@@ -86,7 +88,7 @@ class DLARun:
 
 
 def _check(model, ds: ContrastiveDataset, metric: str) -> None:
-    check_dataset(ds)
+    check_dataset(ds, model=model)
     if metric not in DLA_METRICS:
         raise ValueError(f"metric must be one of {list(DLA_METRICS)} for DLA, got {metric!r}.")
     cfg = model.cfg
@@ -135,6 +137,7 @@ def _run_dla(model, ds: ContrastiveDataset, metric: str, *, sources: bool) -> DL
 
     with torch.no_grad(), hooked(model, [(n, store(n)) for n in want]):
         logits = model(ds.tokens)
+    check_finite("DLA: the model's last-position logits", logits[:, -1])
     dt = torch.promote_types(logits.dtype, torch.float32)  # dot products in >= float32
     f = lambda name: cache[name].to(dt)  # noqa: E731
     W_U, b_U = model.W_U.to(dt), model.b_U
@@ -187,7 +190,7 @@ def _check_sum(run: DLARun, heads: Tensor, low_precision: bool) -> None:
         total = total + run.pos_embed
     err = (total - run.metric).abs().max().item()
     tol = (5e-2 if low_precision else 1e-3) * max(1.0, run.metric.abs().max().item())
-    if err > tol:
+    if not err <= tol:  # written so that a NaN error fails too (NaN > tol is False)
         raise ValueError(
             f"DLA terms do not add up to the model's logits (max error {err:.3g}): this architecture "
             "puts something between the residual stream and the logits that DLA does not model."
@@ -222,10 +225,7 @@ def direct_logit_attribution_all(
     ['attn_out', 'mlp_out', 'z']
     """
     _check(model, ds, metric)
-    for site in sites:
-        if site not in DLA_SITES:
-            hint = " (use 'attn_out' or 'mlp_out' for layer x position)" if site in ("resid_pre", "resid_post") else ""
-            raise ValueError(f"DLA supports sites {list(DLA_SITES)}, got {site!r}{hint}.")
+    sites = check_sites(sites, DLA_SITES, name="sites", hints=SITE_HINTS)
     scores = {}
     with timer() as t:
         run = _run_dla(model, ds, metric, sources="attn_out" in sites)
@@ -238,6 +238,7 @@ def direct_logit_attribution_all(
                 pp = torch.zeros(len(ds), model.cfg.n_layers, ds.n_pos, device=run.mlp.device, dtype=run.mlp.dtype)
                 pp[..., -1] = run.mlp
                 scores[site] = pp
+            check_finite(f"DLA: scores at site {site!r}", scores[site])
     return {
         site: AttributionResult(
             scores=pp.mean(0),
@@ -275,6 +276,11 @@ def direct_logit_attribution(
     >>> r.axes, tuple(r.scores.shape)
     (('layer', 'head'), (2, 4))
     """
+    if not isinstance(site, str):
+        raise TypeError(
+            f"site must be one site name (str), got {site!r}; for several sites use "
+            f"direct_logit_attribution_all(model, ds, sites=[...]) (sites {list(DLA_SITES)})."
+        )
     return direct_logit_attribution_all(model, ds, sites=(site,), metric=metric, per_prompt=per_prompt)[site]
 
 

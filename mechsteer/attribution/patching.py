@@ -48,8 +48,17 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechsteer import kv_cache
+from mechsteer._validate import check_finite, positive_int
 from mechsteer.attribution import _patch_engine as engine
-from mechsteer.attribution._common import Metric, check_dataset, check_metric_output, check_sites, default_metric, timer
+from mechsteer.attribution._common import (
+    Metric,
+    check_dataset,
+    check_metric_output,
+    check_metric_values,
+    check_sites,
+    default_metric,
+    timer,
+)
 from mechsteer.attribution.result import AttributionResult, stack_sites
 from mechsteer.metrics import logit_diff, normalize
 from mechsteer.sites import hook_name
@@ -64,11 +73,11 @@ def _scores(patched: Tensor, clean: Tensor | float, corrupted: Tensor | float, d
     return recovered if direction == "denoising" else 1 - recovered
 
 
-def _check_args(ds, site, direction, metric, per_prompt) -> list[str]:
-    check_dataset(ds)
+def _check_args(model, ds, site, direction, metric, per_prompt) -> list[str]:
+    check_dataset(ds, model=model)
     if direction not in ("denoising", "noising"):
         raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}.")
-    sites = check_sites(site, PATCH_SITES)
+    sites = check_sites(site, PATCH_SITES, name="site")
     if "z" in sites and len(sites) > 1:
         others = [s for s in sites if s != "z"]
         raise ValueError(f"Site 'z' has head axes and cannot be stacked with {others}; patch it on its own.")
@@ -152,7 +161,8 @@ def activation_patching(
     >>> result.axes, tuple(result.scores.shape)
     (('layer', 'head'), (2, 4))
     """
-    sites = _check_args(ds, site, direction, metric, per_prompt)
+    sites = _check_args(model, ds, site, direction, metric, per_prompt)
+    batch_size = positive_int("batch_size", batch_size, allow_none=True)
     ds = ds.to(model.cfg.device)
     base, source = (ds.corrupted_tokens, ds.tokens) if direction == "denoising" else (ds.tokens, ds.corrupted_tokens)
     B, n_pos, n_layers = len(ds), ds.n_pos, model.cfg.n_layers
@@ -171,6 +181,7 @@ def activation_patching(
         clean_logits, corrupt_logits = (src_logits, base_logits) if direction == "denoising" else (base_logits, src_logits)
         m_clean = check_metric_output(m(clean_logits, ds), name="metric")
         m_corr = check_metric_output(m(corrupt_logits, ds), name="metric")
+        check_metric_values("activation_patching", m_clean, m_corr)
         resid = {l: base_cache[hook_name("resid_pre", l)] for l in layers}
         skip_fmt = engine.skipping_works(model, resid[n_layers - 1][:1], n_layers - 1)
         prefix = engine.PrefixKV.of(past, B, n_pos) if n_pos > 1 else None
@@ -211,8 +222,9 @@ def activation_patching(
     for s, (grid, _, _) in plans.items():
         mean = values[s].mean(-1) if metric is None else values[s]  # (layer, cell)
         pp = _per_prompt_scores(values[s], clean_logits, corrupt_logits, ds, direction) if per_prompt else None
+        scores = check_finite(f"activation_patching: scores at site {s!r}", _scores(mean, m_clean, m_corr, direction))
         out.append(AttributionResult(
-            scores=_scores(mean, m_clean, m_corr, direction).reshape(n_layers, *grid.shape),
+            scores=scores.reshape(n_layers, *grid.shape),
             axes=axes,
             method="activation_patching",
             metric=_metric_name(metric),

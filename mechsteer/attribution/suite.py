@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from mechsteer.attribution._common import plain_forward_seconds
+from mechsteer._validate import positive_int
+from mechsteer.attribution._common import check_dataset, plain_forward_seconds
 from mechsteer.attribution.compare import Comparison, compare
 from mechsteer.attribution.result import AttributionResult
 from mechsteer.tasks.base import ContrastiveDataset
@@ -131,9 +132,16 @@ def run_suite(
     >>> sorted(suite.results["heads"]), list(suite.comparisons)
     (['atp', 'dla'], ['heads', 'attn_out', 'mlp_out'])
     """
+    methods = [methods] if isinstance(methods, str) else list(methods)
     unknown = [m for m in methods if m not in RUNNERS]
     if unknown or not methods:
         raise ValueError(f"Unknown methods {unknown or methods}; choose from {list(METHODS)}.")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"methods names a method twice: {methods}; pass each once.")
+    if direction not in ("noising", "denoising"):
+        raise ValueError(f"direction must be 'noising' or 'denoising', got {direction!r}.")
+    k = positive_int("k", k)
+    check_dataset(ds, model=model)
     fwd = plain_forward_seconds(model, ds.tokens)
     results: dict[str, dict[str, AttributionResult]] = {g: {} for g in GRIDS}
     seconds = {}

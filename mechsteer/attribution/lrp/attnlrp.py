@@ -36,7 +36,8 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechsteer.attribution._common import check_sites, timer
+from mechsteer._validate import check_finite, positive_int
+from mechsteer.attribution._common import check_dataset, check_sites, timer
 from mechsteer.attribution.lrp import rules as R
 from mechsteer.attribution.result import AttributionResult
 from mechsteer.sites import HookFn, hook_name, hooked
@@ -130,10 +131,22 @@ def _key_mask(key_pos, n: int, n_pos: int) -> Tensor | None:
     mask = torch.zeros(n, n_pos)
     for i, row in enumerate(rows):
         for p in row:
-            if not isinstance(p, int) or not -n_pos <= p < n_pos:
+            if isinstance(p, bool) or not isinstance(p, int) or not -n_pos <= p < n_pos:
                 raise ValueError(f"key_pos entry {p!r} is not a position of these {n_pos}-token prompts.")
             mask[i, p] = 1.0
     return mask
+
+
+def _tokens(tokens, model) -> Tensor:
+    """Raw prompts as a ``(batch, pos)`` tensor of ids in the model's vocabulary."""
+    if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.is_floating_point() or tokens.numel() == 0:
+        what = f"shape {tuple(tokens.shape)}, {tokens.dtype}" if isinstance(tokens, Tensor) else type(tokens).__name__
+        raise TypeError(f"data must be a ContrastiveDataset or a non-empty (batch, pos) tensor of token ids, got {what}.")
+    vocab = model.cfg.d_vocab
+    bad = (tokens < 0) | (tokens >= vocab)
+    if bool(bad.any()):
+        raise ValueError(f"data holds token ids outside the vocabulary 0..{vocab - 1}: {tokens[bad][:5].tolist()}.")
+    return tokens
 
 
 def _ids(v, n: int, model, name: str) -> Tensor | None:
@@ -240,7 +253,7 @@ def attnlrp(
     >>> out["sites"].axes, out["heads"].axes, out["input"].axes
     (('site', 'layer', 'pos'), ('layer', 'head'), ('pos',))
     """
-    names = check_sites(sites, READOUT_SITES)
+    names = check_sites(sites, READOUT_SITES, name="sites")
     wanted = [readout] if isinstance(readout, str) else list(readout)
     if not wanted or any(r not in READOUTS for r in wanted):
         raise ValueError(f"readout must be one or more of {READOUTS}, got {readout!r}.")
@@ -248,13 +261,14 @@ def attnlrp(
         raise ValueError(f"variant must be one of {VARIANTS} and uniform one of {tuple(UNIFORM)}; "
                          f"got variant={variant!r}, uniform={uniform!r}.")
     if isinstance(data, ContrastiveDataset):
+        check_dataset(data, model=model)
         if answer is not None or wrong is not None:
             raise ValueError("A ContrastiveDataset brings its own answers; pass answer=/wrong= only with raw tokens.")
         target = target or "logit_diff"
         tokens, answer, wrong, labels = data.tokens, data.correct, data.wrong, data.labels
     else:
         target = target or "logit"
-        tokens = data
+        tokens = _tokens(data, model)
         labels = [f"{i}:{t}" for i, t in enumerate(model.to_str_tokens(data[0]))]
         if answer is None or (target == "logit_diff" and wrong is None):
             need = "answer= and wrong=" if target == "logit_diff" else "answer="
@@ -264,10 +278,9 @@ def attnlrp(
     n, n_pos = tokens.shape
     ids = {"answer": _ids(answer, n, model, "answer"), "wrong": _ids(wrong, n, model, "wrong")}
     ids["wrong"] = ids["wrong"] if target == "logit_diff" else None
-    if not isinstance(query_pos, int) or not -n_pos <= query_pos < n_pos:
+    if isinstance(query_pos, bool) or not isinstance(query_pos, int) or not -n_pos <= query_pos < n_pos:
         raise ValueError(f"query_pos {query_pos!r} is beyond the prompt: it has {n_pos} tokens.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    batch_size = positive_int("batch_size", batch_size)
     mask = _key_mask(key_pos, n, n_pos)
     share = 0.5 if rules and variant == "attnlrp" else 1.0  # A's half of A.V (uniform rule)
     parts = []
@@ -283,6 +296,7 @@ def attnlrp(
                 positive=positive, share=share, variant=variant, uniform=uniform, rules=rules,
             ))
     f, r_input, r_sites, r_heads = (torch.cat(p) for p in zip(*parts))
+    check_finite(f"attnlrp: the explained {target} f", f)
     method = ("attnlrp" if variant == "attnlrp" else "cp-lrp") if rules else "grad_x_input"
     meta = {"target": f, "variant": variant, "rules": rules, "query_pos": query_pos, "positive": positive}
     common = dict(method=method, metric=target, seconds=t["seconds"], meta=meta)
@@ -291,6 +305,8 @@ def attnlrp(
         "sites": (r_sites, ("site", "layer", "pos"), {"pos": labels, "site": names}),
         "heads": (r_heads, ("layer", "head"), {}),
     }
+    for k in wanted:
+        check_finite(f"attnlrp: {k!r} relevances", made[k][0])
     results = {
         k: AttributionResult(scores=v.mean(0), axes=ax, labels=lab, per_prompt=v if per_prompt else None, **common)
         for k, (v, ax, lab) in made.items() if k in wanted
