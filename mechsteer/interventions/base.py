@@ -51,16 +51,41 @@ True
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Iterator, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechsteer._validate import finite_float, positive_int
 from mechsteer.sites import get_site, hook_name, hooked
 
 ALLOWED_SITES = ("attn_out", "mlp_out", "resid_post", "z")
 DEFAULT_INIT_STD = 1e-5  # App. A.1: parameters start as Gaussian noise
+
+
+def _index(name: str, x) -> int:
+    """``x`` as an int if it is an integer (a 0-d integer tensor too; bools and floats refused)."""
+    if isinstance(x, Tensor) and x.ndim == 0 and not x.is_floating_point():
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must hold integers, got {x!r} ({type(x).__name__}).")
+    return int(x)
+
+
+def check_beta(beta):
+    """``beta`` if it is a finite number or a scalar / ``(batch,)`` tensor of finite numbers;
+    else ValueError/TypeError naming beta (a NaN beta would turn every steered logit into NaN)."""
+    if not isinstance(beta, Tensor):
+        return finite_float("beta", beta)
+    if beta.ndim > 1:
+        raise ValueError(f"beta has shape {tuple(beta.shape)}; expected a scalar or (batch,).")
+    if beta.dtype == torch.bool or beta.is_complex():
+        raise TypeError(f"beta must be a number or a float tensor, got a {beta.dtype} tensor.")
+    if not bool(torch.isfinite(beta.detach()).all()):
+        raise ValueError(f"beta must be finite, got {beta.detach().cpu().tolist()}.")
+    return beta
 
 
 def _check_sites(sites: Sequence[str]) -> tuple[str, ...]:
@@ -115,8 +140,18 @@ class Intervention(torch.nn.Module):
         seed: int = 0,  # seeds the init
     ):
         super().__init__()
+        n_layers, d_model = positive_int("n_layers", n_layers), positive_int("d_model", d_model)
+        n_heads = positive_int("n_heads", n_heads, allow_none=True)
+        d_head = positive_int("d_head", d_head, allow_none=True)
+        n_pos = positive_int("n_pos", n_pos, allow_none=True)
+        init_std = finite_float("init_std", init_std)
+        if init_std < 0:
+            raise ValueError(f"init_std must be >= 0 (the std of the Gaussian init), got {init_std}.")
+        seed = _index("seed", seed)
         self.sites = _check_sites(sites)
-        self.layers = tuple(range(n_layers)) if layers is None else tuple(int(x) for x in layers)
+        if isinstance(layers, (str, numbers.Number)):
+            raise TypeError(f"layers must be a list of ints (or None for every layer), got {layers!r}.")
+        self.layers = tuple(range(n_layers)) if layers is None else tuple(_index("layers", x) for x in layers)
         if (
             not self.layers
             or any(not 0 <= x < n_layers for x in self.layers)
@@ -140,7 +175,9 @@ class Intervention(torch.nn.Module):
             if positions == "all" and self.position_bound and n_pos is None:
                 raise ValueError(f"{type(self).__name__} with positions='all' needs n_pos (the prompt length).")
             return positions
-        pos = tuple(int(p) for p in positions)
+        if isinstance(positions, numbers.Number) or isinstance(positions, Tensor) and positions.ndim == 0:
+            raise TypeError(f"positions must be 'all', 'last' or a list of ints, got {positions!r}.")
+        pos = tuple(_index("positions", p) for p in positions)
         if not pos or len(set(pos)) != len(pos):
             raise ValueError(f"positions {positions!r} must be a non-empty list of distinct ints.")
         if self.position_bound and n_pos is None:
@@ -285,8 +322,7 @@ class Intervention(torch.nn.Module):
         interventions steer the prompt, DynScalar every token). Hooks are scoped and checked
         by ``mechsteer.sites.hooked``; yields its call counts.
         """
-        if isinstance(beta, Tensor) and beta.ndim > 1:
-            raise ValueError(f"beta has shape {tuple(beta.shape)}; expected a scalar or (batch,).")
+        beta = check_beta(beta)
         self.check_model(model)
         hooks = [
             (hook_name(s, l, model), self._hook(s, li, beta, generation))

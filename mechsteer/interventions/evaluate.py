@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from mechsteer._validate import check_finite, finite_float, positive_int
 from mechsteer.interventions.base import Intervention
 from mechsteer.interventions.objective import (
     clean_last_logits,
@@ -36,6 +37,7 @@ from mechsteer.interventions.objective import (
     faithfulness,
     plus_minus_logits,
 )
+from mechsteer.interventions.train import check_inputs
 from mechsteer.interventions.vectors import SteerVec
 
 NEGLIGIBLE = 0.01  # Sec. 3.4: parameters with |value| <= 0.01 count as zero
@@ -43,6 +45,7 @@ NEGLIGIBLE = 0.01  # Sec. 3.4: parameters with |value| <= 0.01 count as zero
 
 def minimality_count(intervention: Intervention, threshold: float = NEGLIGIBLE) -> int:
     """Number of parameters with |value| > ``threshold`` (Sec. 3.4's minimality)."""
+    threshold = finite_float("threshold", threshold)
     return int(sum((p.detach().abs() > threshold).sum().item() for p in intervention.params.values()))
 
 
@@ -54,6 +57,7 @@ def active_locations(intervention: SteerVec, threshold: float = NEGLIGIBLE) -> i
     """
     if not isinstance(intervention, SteerVec):
         raise TypeError(f"active_locations counts SteerVec vectors; got {type(intervention).__name__}.")
+    threshold = finite_float("threshold", threshold)
     return int(sum((p.detach().abs() > threshold).any(-1).sum().item() for p in intervention.params.values()))
 
 
@@ -66,12 +70,13 @@ def evaluate(model, intervention: Intervention, ds, batch_size: int = 32) -> dic
     """
     if not isinstance(intervention, Intervention):
         raise TypeError(f"intervention must be a mechsteer Intervention, got {type(intervention).__name__}.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    batch_size = positive_int("batch_size", batch_size)
     n = ds.tokens.shape[0]
     if n == 0:
         raise ValueError("ds is empty: nothing to evaluate.")
-    intervention.check_model(model)
+    check_inputs(model, intervention, ds)
+    for site, p in intervention.params.items():
+        check_finite(f"evaluate: the intervention's parameters at site {site!r}", p.detach())
     device = next(model.parameters()).device
     intervention.to(device)
     tokens, correct, wrong = (t.to(device) for t in (ds.tokens, ds.correct, ds.wrong))
@@ -83,6 +88,7 @@ def evaluate(model, intervention: Intervention, ds, batch_size: int = 32) -> dic
         f_plus, f_minus = plus_minus_logits(model, intervention, tokens[sl])  # one pass, beta = +1 / -1
         e_sum += effectiveness(f_plus, f_minus, correct[sl], wrong[sl], margin=0.0).item() * b
         f_sum += faithfulness(f_plus, f_minus, clean).item() * b
+    check_finite("evaluate: effectiveness E_0 and faithfulness F", torch.tensor([e_sum / n, f_sum / n]))
     out: dict[str, float | int] = {
         "effectiveness": e_sum / n,
         "faithfulness": f_sum / n,

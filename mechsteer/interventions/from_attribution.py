@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -67,12 +68,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from mechsteer._validate import check_finite, finite_float, nonneg_int, positive_int
 from mechsteer.attribution.result import AttributionResult
 from mechsteer.interventions.base import Intervention, plus_minus_batch
 from mechsteer.interventions.evaluate import evaluate_splits
 from mechsteer.interventions.objective import effectiveness, faithfulness
 from mechsteer.interventions.scalars import ActivScalar
-from mechsteer.interventions.train import batched_clean_logits
+from mechsteer.interventions.train import batched_clean_logits, check_inputs
 
 SCALAR_SITES = ("attn_out", "mlp_out", "resid_post")  # d_model sites an ActivScalar takes from a site grid
 LAYOUTS = (("site", "layer", "pos"), ("layer", "pos"), ("layer", "head"), ("layer", "head", "pos"))
@@ -136,6 +138,8 @@ def scalars_from_result(
     if result.axes not in LAYOUTS:
         raise ValueError(f"Result axes {result.axes} have no ActivScalar layout; supported: {LAYOUTS} "
                          "(use result.select(...) or result.sum(...) to get one).")
+    n_pos = positive_int("n_pos", n_pos, allow_none=True)
+    check_finite(f"scalars_from_result: scores of the {result.method} result", result.scores)
     cfg = model.cfg
     if result.scores.shape[result.axes.index("layer")] != cfg.n_layers:
         raise ValueError(f"The result has {result.scores.shape[result.axes.index('layer')]} layers, "
@@ -180,6 +184,7 @@ def _measure(model, iv: Intervention, data: tuple, b: float, batch_size: int) ->
         plus, minus = logits.chunk(2)
         e += effectiveness(plus, minus, correct[sl], wrong[sl], 0.0).item() * len(plus)
         f += faithfulness(plus, minus, clean[sl]).item() * len(plus)
+    check_finite(f"fit_beta: E_0 and F at beta = {b:g}", torch.tensor([e, f]))
     return e / len(tokens), f / len(tokens)
 
 
@@ -200,7 +205,10 @@ def _refine(model, iv, data, b0: float, steps: int, lr: float, margin: float, la
         u.grad = g
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return float(b0 * u.detach().exp())
+    b = float(b0 * u.detach().exp())
+    if not math.isfinite(b) or b == 0:
+        raise FloatingPointError(f"fit_beta: refining beta from {b0:g} gave beta = {b}; lower lr or refine_steps.")
+    return b
 
 
 def fit_beta(
@@ -225,12 +233,14 @@ def fit_beta(
     """
     if not isinstance(intervention, Intervention):
         raise TypeError(f"intervention must be a mechsteer Intervention, got {type(intervention).__name__}.")
-    grid = default_betas() if betas is None else sorted({1.0, *(float(b) for b in betas)})
-    if not grid or any(not math.isfinite(b) for b in grid):
-        raise ValueError(f"betas must be a non-empty list of finite numbers, got {betas!r}.")
-    if refine_steps < 0 or batch_size < 1:
-        raise ValueError(f"refine_steps must be >= 0 and batch_size >= 1, got {refine_steps}, {batch_size}.")
-    intervention.check_model(model)
+    if isinstance(betas, (str, numbers.Number)):
+        raise TypeError(f"betas must be a list of numbers (or None), got {betas!r}.")
+    grid = default_betas() if betas is None else sorted({1.0, *(finite_float("betas", b) for b in betas)})
+    refine_steps, batch_size = nonneg_int("refine_steps", refine_steps), positive_int("batch_size", batch_size)
+    for name, v in (("lr", lr), ("margin", margin), ("lambda_f", lambda_f)):
+        if finite_float(name, v) < 0 or (name == "lr" and v == 0):
+            raise ValueError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {v}.")
+    check_inputs(model, intervention, ds)
     device = next(model.parameters()).device
     iv = copy.deepcopy(intervention).to(device)
     data = tuple(t.to(device) for t in (ds.tokens, ds.correct, ds.wrong))

@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechsteer._validate import finite_float
 from mechsteer.interventions.base import Intervention, plus_minus_batch
 
 
@@ -41,7 +42,7 @@ def effectiveness(
     margin: float = 0.0,
 ) -> Float[Tensor, ""]:
     """E_m (Eq. 6): minus the mean hinge on the logit differences at beta = +1 and -1."""
-    if margin < 0:
+    if finite_float("margin", margin) < 0:
         raise ValueError(f"margin m must be >= 0, got {margin}.")
     pick = lambda f, ids: f.gather(-1, ids.view(-1, 1)).squeeze(-1)
     plus = torch.relu(pick(logits_plus, wrong) - pick(logits_plus, correct) + margin)
@@ -95,8 +96,8 @@ def objective(
     lambda_m: float = 0.0,  # lambda_M in Eq. 9
 ) -> ObjectiveTerms:
     """Psi (Eq. 9) and its three terms; maximise ``.psi`` (minimise ``-psi``)."""
-    if lambda_f < 0 or lambda_m < 0:
-        raise ValueError(f"lambda_F and lambda_M must be >= 0, got {lambda_f}, {lambda_m}.")
+    if finite_float("lambda_f", lambda_f) < 0 or finite_float("lambda_m", lambda_m) < 0:
+        raise ValueError(f"lambda_f and lambda_m (lambda_F, lambda_M) must be >= 0, got {lambda_f}, {lambda_m}.")
     e = effectiveness(logits_plus, logits_minus, correct, wrong, margin)
     f = faithfulness(logits_plus, logits_minus, clean_logits)
     m = minimality(theta)

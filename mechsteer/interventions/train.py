@@ -41,6 +41,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechsteer._validate import check_finite, finite_float, positive_int
 from mechsteer.interventions.base import Intervention
 from mechsteer.interventions.objective import (
     clean_last_logits,
@@ -66,16 +67,19 @@ class TrainConfig:
     progress: bool = True  # tqdm bar with E_m, F, M_1 live
 
     def __post_init__(self):
-        if not (isinstance(self.epochs, int) and self.epochs >= 1):
-            raise ValueError(f"epochs must be an int >= 1, got {self.epochs!r}.")
-        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
-            raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}.")
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite number > 0 (or None for the App. A.1 default), got {self.lr}.")
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        for name in ("epochs", "batch_size"):
+            set_(name, positive_int(name, getattr(self, name)))  # bools refused (epochs=True)
+        if self.lr is not None:
+            set_("lr", finite_float("lr", self.lr))
+            if self.lr <= 0:
+                raise ValueError(f"lr must be a finite number > 0 (or None for the App. A.1 default), got {self.lr}.")
         for name in ("margin", "lambda_f", "lambda_m"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v}.")
+            set_(name, finite_float(name, getattr(self, name)))
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {self.seed!r} ({type(self.seed).__name__}).")
 
     def learning_rate(self, intervention: Intervention) -> float:
         """``lr``, or the App. A.1 default for this kind of intervention."""
@@ -84,7 +88,10 @@ class TrainConfig:
         return 1e-4 if isinstance(intervention, SteerVec) else 1e-3
 
 
-def _check_inputs(intervention, ds) -> None:
+def check_inputs(model, intervention, ds) -> None:
+    """TypeError/ValueError unless ``intervention`` is an Intervention built for ``model`` and
+    ``ds`` holds (batch, pos) prompts with one correct and one wrong answer id each, all in
+    the model's vocabulary (out of range, the embedding or the logit lookup fails deep inside)."""
     if not isinstance(intervention, Intervention):
         raise TypeError(f"intervention must be a mechsteer Intervention, got {type(intervention).__name__}.")
     for name in ("tokens", "correct", "wrong"):
@@ -97,6 +104,18 @@ def _check_inputs(intervention, ds) -> None:
         raise ValueError(
             f"ds.correct / ds.wrong must be ({n},), got {tuple(ds.correct.shape)} / {tuple(ds.wrong.shape)}."
         )
+    vocab = model.cfg.d_vocab
+    for name in ("tokens", "correct", "wrong"):
+        ids = getattr(ds, name)
+        if ids.is_floating_point() or ids.dtype == torch.bool:
+            raise TypeError(f"ds.{name} must hold integer token ids, got dtype {ids.dtype}.")
+        bad = (ids < 0) | (ids >= vocab)
+        if bool(bad.any()):
+            raise ValueError(
+                f"ds.{name} holds ids outside the model's vocabulary 0..{vocab - 1}, e.g. {ids[bad][:5].tolist()}: "
+                "build the dataset with this model's tokenizer."
+            )
+    intervention.check_model(model)
 
 
 @torch.no_grad()
@@ -104,6 +123,7 @@ def batched_clean_logits(
     model, tokens: Int[Tensor, "batch pos"], batch_size: int = 32
 ) -> Float[Tensor, "batch vocab"]:
     """Clean last-position logits f for all prompts, in batches, without gradient."""
+    batch_size = positive_int("batch_size", batch_size)
     return torch.cat(
         [clean_last_logits(model, tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)]
     )
@@ -115,8 +135,9 @@ def train(model, intervention: Intervention, ds, config: TrainConfig = TrainConf
     Returns the history, one row per step: epoch, step, psi, effectiveness (E_m),
     faithfulness (F), minimality (M_1), each on that step's mini-batch.
     """
-    _check_inputs(intervention, ds)
-    intervention.check_model(model)
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig (build one by keyword), got {type(config).__name__}.")
+    check_inputs(model, intervention, ds)
     params = [p for p in intervention.parameters() if p.requires_grad]
     if not params:
         raise ValueError("The intervention has no trainable parameters (all have requires_grad=False).")
@@ -125,6 +146,9 @@ def train(model, intervention: Intervention, ds, config: TrainConfig = TrainConf
     tokens, correct, wrong = (t.to(device) for t in (ds.tokens, ds.correct, ds.wrong))
     n = tokens.shape[0]
     clean = batched_clean_logits(model, tokens, config.batch_size)  # (N, V), once, no grad
+    check_finite("train: the model's clean last-position logits", clean)
+    for site, p in intervention.params.items():
+        check_finite(f"train: the intervention's initial parameters at site {site!r}", p.detach())
     opt = torch.optim.Adam(params, lr=config.learning_rate(intervention))
     gen = torch.Generator().manual_seed(config.seed)
     n_batches = math.ceil(n / config.batch_size)
