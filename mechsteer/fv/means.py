@@ -29,6 +29,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechsteer._validate import check_finite, nonneg_int, positive_int
 from mechsteer.sites import hook_name, hooked
 from mechsteer.tasks.fv import FVPrompts
 
@@ -50,10 +51,17 @@ def check_prompts(model, prompts: FVPrompts, what: str = "prompts") -> None:
     vocab = model.cfg.d_vocab
     if ((prompts.answers < 0) | (prompts.answers >= vocab)).any():
         raise ValueError(f"{what}: answer ids must lie in 0..{vocab - 1}, got {prompts.answers.tolist()}.")
+    bad = [i for i, t in enumerate(prompts.tokens) if bool(((t < 0) | (t >= vocab)).any())]
+    if bad:
+        raise ValueError(f"{what}: prompt(s) {bad[:5]} hold token ids outside the vocabulary 0..{vocab - 1}; "
+                         "tokenise them with this model.")
 
 
 def check_mean_z(model, mean_z: Tensor) -> None:
-    """ValueError unless ``mean_z`` is ``(layer, head, d_head)`` for ``model``."""
+    """ValueError unless ``mean_z`` is ``(layer, head, d_head)`` for ``model``;
+    FloatingPointError if it holds NaN or inf."""
+    if not isinstance(mean_z, Tensor):
+        raise TypeError(f"mean_z must be a (layer, head, d_head) tensor, got {type(mean_z).__name__}.")
     cfg = model.cfg
     want = (cfg.n_layers, cfg.n_heads, cfg.d_head)
     if tuple(mean_z.shape) != want:
@@ -61,6 +69,7 @@ def check_mean_z(model, mean_z: Tensor) -> None:
             f"mean_z has shape {tuple(mean_z.shape)}; this model needs (layer, head, d_head) = {want}. "
             "Compute it with mean_head_z(model, prompts) on the same model."
         )
+    check_finite("mean_z (the mean head activations)", mean_z)
 
 
 def check_layers(model, layers: Sequence[int] | None) -> list[int]:
@@ -68,7 +77,9 @@ def check_layers(model, layers: Sequence[int] | None) -> list[int]:
     n = model.cfg.n_layers
     if layers is None:
         return list(range(n))
-    out = sorted({int(layer) for layer in layers})
+    if isinstance(layers, (str, int)):
+        raise TypeError(f"layers must be a list of layer indices (or None for all), got {layers!r}.")
+    out = sorted({nonneg_int("layers", layer.item() if isinstance(layer, Tensor) else layer) for layer in layers})
     if not out or out[0] < 0 or out[-1] >= n:
         raise ValueError(f"layers must be a non-empty list of layers in 0..{n - 1}, got {list(layers)!r}.")
     return out
@@ -121,9 +132,10 @@ def mean_head_z(
     (2, 4, 16)
     """
     check_prompts(model, prompts)
+    batch_size = positive_int("batch_size", batch_size)
     cfg = model.cfg
     total = torch.zeros(cfg.n_layers, cfg.n_heads, cfg.d_head, device=cfg.device, dtype=torch.float32)
     groups = list(prompts.batches(batch_size))
     for _, tokens in tqdm(groups, desc="mean head z", disable=not progress or len(groups) == 1):
         total += last_z(model, tokens).float().sum(0)  # (L, H, d_head)
-    return total / len(prompts)
+    return check_finite("mean_head_z: mean head activations", total / len(prompts))

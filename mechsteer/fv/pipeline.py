@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from mechsteer._validate import finite_float, nonneg_int, positive_int
 from mechsteer.attribution.result import AttributionResult
 from mechsteer.fv.indirect_effect import aie, aie_global
 from mechsteer.fv.evaluate import best_layer, compare_injections, fv_layer_sweep, steered_continuations
@@ -83,9 +84,21 @@ class FVConfig:
     progress: bool = True
 
     def __post_init__(self):
-        for name in ("k", "n_instructions", "n_queries", "n_cie", "n_test", "pool", "naive_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        for name in ("k", "n_instructions", "n_queries", "n_cie", "n_test", "pool", "naive_samples", "lrp_max_rank"):
+            set_(name, positive_int(name, getattr(self, name)))  # bools refused
+        set_("min_correct", nonneg_int("min_correct", self.min_correct))
+        set_("scale", finite_float("scale", self.scale))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {self.seed!r} ({type(self.seed).__name__}).")
+        for name in ("tasks", "select", "inject", "sweep_layers"):
+            if isinstance(getattr(self, name), str):
+                value = getattr(self, name)
+                raise TypeError(f"{name} must be a tuple, got the string {value!r}; write ({value!r},).")
+        if self.sweep_layers is not None:
+            set_("sweep_layers", tuple(nonneg_int("sweep_layers", layer) for layer in self.sweep_layers))
+            if not self.sweep_layers:
+                raise ValueError("sweep_layers is empty; pass at least one layer, or None for all.")
         bad = [s for s in self.select if s not in SELECTIONS] + [i for i in self.inject if i not in INJECTIONS]
         if bad or not self.select or not self.inject:
             raise ValueError(f"select must come from {SELECTIONS} and inject from {INJECTIONS}; got {self.select}, {self.inject}.")

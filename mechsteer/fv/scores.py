@@ -35,6 +35,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechsteer._validate import check_finite, positive_int
 from mechsteer.attribution._common import timer
 from mechsteer.attribution.compare import spearman
 from mechsteer.attribution.lrp import attnlrp
@@ -78,8 +79,8 @@ def lrp_head_scores(
     (('layer', 'head'), 1, True)
     """
     check_prompts(model, prompts)
-    if not isinstance(max_rank, int) or max_rank < 1:
-        raise ValueError(f"max_rank must be a positive int (1 = only prompts the model gets right), got {max_rank!r}.")
+    max_rank = positive_int("max_rank", max_rank)  # 1 = only prompts the model gets right
+    batch_size = positive_int("batch_size", batch_size)
     empty = [i for i, f in enumerate(prompts.frames) if not f]
     if empty:
         raise ValueError(f"Prompts {empty[:5]} have no intensional frame (style {prompts.style!r}); LRP head scores "
@@ -111,6 +112,7 @@ def lrp_head_scores(
     meta = {"task": prompts.task, "style": prompts.style, "n_prompts": N, "n_used": n_used, "n_skipped": N - n_used,
             "used": used.nonzero().squeeze(1).tolist(), "max_rank": max_rank, "variant": variant,
             "samples_per_minute": 60.0 * N / t["seconds"]}
+    check_finite("lrp_head_scores: head relevances", rel[used])
     return AttributionResult(scores=rel[used].mean(0), axes=("layer", "head"), method="attnlrp", metric="logit",
                              seconds=t["seconds"], per_prompt=rel[used] if per_prompt else None, meta=meta)
 
@@ -161,6 +163,7 @@ def atp_head_scores(
     """
     check_prompts(model, corrupted, "corrupted")
     check_mean_z(model, mean_z)
+    batch_size = positive_int("batch_size", batch_size)
     cfg = model.cfg
     mean_z = mean_z.to(cfg.device)
     N = len(corrupted)
@@ -171,6 +174,8 @@ def atp_head_scores(
         for idx, tokens in tqdm(groups, desc="atp heads", disable=not progress or len(groups) == 1):
             p, e = _atp_group(model, tokens.to(cfg.device), corrupted.answers[idx].to(cfg.device), mean_z)
             est[idx], p_corr[idx] = e.cpu(), p.cpu()
+    check_finite("atp_head_scores: P(answer) on the corrupted prompts", p_corr)
+    check_finite("atp_head_scores: scores", est)
     meta = {"task": corrupted.task, "style": corrupted.style, "n_prompts": N, "p_corrupted": float(p_corr.mean()),
             "samples_per_minute": 60.0 * N / t["seconds"]}
     return AttributionResult(scores=est.mean(0), axes=("layer", "head"), method="atp", metric="P(answer)",
@@ -195,4 +200,6 @@ def rank_correlation(a: AttributionResult | Tensor, b: AttributionResult | Tenso
     sa, sb = scores(a), scores(b)
     if sa.shape != sb.shape:
         raise ValueError(f"Cannot correlate score grids of shapes {tuple(sa.shape)} and {tuple(sb.shape)}.")
+    check_finite("rank_correlation: first score grid", sa)
+    check_finite("rank_correlation: second score grid", sb)
     return spearman(sa.reshape(-1).float().cpu(), sb.reshape(-1).float().cpu())
