@@ -7,15 +7,25 @@
     mechsteer pareto --task ccc --out DIR  # lambda_F x lambda_M x m grid, resumable
     mechsteer fv --tasks antonym,capitalize --select aie,lrp,atp --inject fv,dfv --out DIR
     mechsteer demo --out out/demo        # the HTML report on the embedded model
+
+Bad input stops a command before any model is loaded, with one line and exit status 2
+(argparse's convention): option values are checked as they are parsed (``_cli_args``),
+then ``--out``, then the model name. Errors that the library raises for bad arguments
+(ValueError, FileNotFoundError, ImportError for a missing model wheel) become one line
+too; anything else is a bug and keeps its traceback. ``MECHSTEER_DEBUG=1`` shows the
+traceback of every error. Ctrl-C stops with one line and exit status 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+from mechsteer import _cli_args as A
 
 _MODEL_HELP = "model name: an embedded model (default SmolLM2-135M-Instruct, or gemma-3-270m), 'tiny-llama'/'tiny-gpt2' (random weights, for smoke tests), or a Hugging Face name"
 
@@ -24,9 +34,13 @@ DEMO_FV_TASKS = "country-capital,singular-plural,antonym"  # tasks SmolLM2-135M 
 
 
 def _load(name: str | None):
+    """``load_model(name)``; a name that cannot be loaded here is an error of ``--model``."""
     from mechsteer.models import load_model
 
-    return load_model(name)
+    try:
+        return load_model(name)
+    except BAD_INPUT as e:
+        raise A.OptionError("--model", A.one_line(e)) from e
 
 
 def _log(msg: str) -> None:
@@ -105,10 +119,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from mechsteer.fv.pipeline import FVConfig, run_fv
         from mechsteer.report import fv_section
 
-        _log(f"function-vector section on {args.fv_tasks}")
+        _log(f"function-vector section on {','.join(args.fv_tasks)}")
         tiny = model.cfg.model_name.startswith("tiny")  # random weights answer nothing: skip the filter
         n_heads = model.cfg.n_layers * model.cfg.n_heads
-        cfg = FVConfig(tasks=tuple(_csv(args.fv_tasks)), k=min(10, n_heads // 2), n_instructions=3, n_queries=10, n_cie=3, n_test=10,
+        cfg = FVConfig(tasks=args.fv_tasks, k=min(10, n_heads // 2), n_instructions=3, n_queries=10, n_cie=3, n_test=10,
                        min_correct=5, pool=30, sweep_layers=tuple(range(0, model.cfg.n_layers, 3)),
                        filter=not tiny, lrp_max_rank=10**6 if tiny else 5, seed=args.seed, progress=False)
         report.add(fv_section(run_fv(model, cfg)))
@@ -119,14 +133,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_attribute(args: argparse.Namespace) -> int:
     from mechsteer import _io
-    from mechsteer.attribution.suite import METHODS, run_suite
+    from mechsteer.attribution.suite import run_suite
     from mechsteer.report import Report, attribution_section
     from mechsteer.tasks import make_task
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"Unknown methods {unknown}; choose from {','.join(METHODS)}.")
+    methods = list(args.methods)  # names checked by argparse (_cli_args.attribution_methods)
     model = _load(args.model)
     ds = make_task(args.task, model, n=args.n, seed=args.seed)
     _log(f"{args.task}: {len(ds)} prompts of {ds.n_pos} tokens; methods {methods}")
@@ -149,10 +160,6 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     return 0
 
 
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def _train_config(args: argparse.Namespace, **overrides):
     from mechsteer.interventions.train import TrainConfig
 
@@ -163,14 +170,13 @@ def _train_config(args: argparse.Namespace, **overrides):
 
 
 def cmd_steer(args: argparse.Namespace) -> int:
-    from mechsteer.interventions.pipeline import method_class, steer_task
+    from mechsteer.interventions.pipeline import steer_task
 
-    method_class(args.method)  # fail before loading the model
+    config = _train_config(args)  # fail before loading the model
     model = _load(args.model)
-    _log(f"training {args.method} on {args.task} at {args.sites}")
-    run = steer_task(model, args.task, args.method, _csv(args.sites), n=args.n,
-                     positions=args.positions if args.positions in ("all", "last") else [int(p) for p in _csv(args.positions)],
-                     config=_train_config(args), seed=args.seed)
+    _log(f"training {args.method} on {args.task} at {','.join(args.sites)}")
+    run = steer_task(model, args.task, args.method, args.sites, n=args.n, positions=args.positions,
+                     config=config, seed=args.seed)
     path = run.write(args.out, model)
     s = run.summary()
     for split in ("train", "test"):
@@ -184,20 +190,15 @@ def cmd_steer(args: argparse.Namespace) -> int:
 def cmd_pareto(args: argparse.Namespace) -> int:
     from mechsteer import _io
     from mechsteer.interventions.pareto import pareto_figure, pareto_front, pareto_grid
-    from mechsteer.interventions.pipeline import method_class
     from mechsteer.report import Report, Section, table_html
     from mechsteer.tasks import make_task
 
-    methods = _csv(args.methods)
-    for m in methods:
-        method_class(m)
-    floats = lambda text: [float(x) for x in _csv(text)]  # noqa: E731
     model = _load(args.model)
     train_ds, test_ds = make_task(args.task, model, n=args.n, seed=args.seed).split()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    df = pareto_grid(model, train_ds, test_ds, out / "grid.jsonl", methods=methods, sites=_csv(args.sites),
-                     lambda_f=floats(args.lambda_f), lambda_m=floats(args.lambda_m), margins=floats(args.margins),
+    df = pareto_grid(model, train_ds, test_ds, out / "grid.jsonl", methods=args.methods, sites=args.sites,
+                     lambda_f=args.lambda_f, lambda_m=args.lambda_m, margins=args.margins,
                      epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seeds=(args.seed,))
     fig = pareto_figure(df, title=f"Pareto fronts: {args.task} on {model.cfg.model_name}")
     fronts = {f"{split}_{y}": pareto_front(df, f"{split}_effectiveness", f"{split}_{y}")["key"].tolist()
@@ -215,11 +216,10 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 def cmd_fv(args: argparse.Namespace) -> int:
     from mechsteer.fv.pipeline import FVConfig, run_fv
 
-    layers = None if args.sweep_layers == "all" else tuple(int(x) for x in _csv(args.sweep_layers))
     cfg = FVConfig(
-        tasks=tuple(_csv(args.tasks)) if args.tasks else None, style=args.style, select=tuple(_csv(args.select)),
-        inject=tuple(_csv(args.inject)), k=args.k, n_instructions=args.n_instructions, n_queries=args.n_queries,
-        n_cie=args.n_cie, n_test=args.n_test, min_correct=args.min_correct, pool=args.pool, sweep_layers=layers,
+        tasks=args.tasks or None, style=args.style, select=args.select, inject=args.inject, k=args.k,
+        n_instructions=args.n_instructions, n_queries=args.n_queries, n_cie=args.n_cie, n_test=args.n_test,
+        min_correct=args.min_correct, pool=args.pool, sweep_layers=args.sweep_layers,
         scale=args.scale, naive_samples=args.naive_samples, seed=args.seed, filter=not args.no_filter,
         lrp_max_rank=args.lrp_max_rank,
     )
@@ -238,18 +238,19 @@ def cmd_fv(args: argparse.Namespace) -> int:
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=["ccc", "ioi"], default="ccc")
-    p.add_argument("--n", type=int, default=64, help="prompts (split 3:1 into train and test)")
-    p.add_argument("--epochs", type=int, default=25, help="Adam epochs (App. A.1: 25)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3 scalars, 1e-4 vectors)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=A.positive_int, default=64, help="prompts (split 3:1 into train and test)")
+    p.add_argument("--epochs", type=A.positive_int, default=25, help="Adam epochs (App. A.1: 25)")
+    p.add_argument("--lr", type=A.positive_float, default=None, help="learning rate (default 1e-3 scalars, 1e-4 vectors)")
+    p.add_argument("--batch-size", type=A.positive_int, default=32)
+    p.add_argument("--seed", type=A.nonneg_int, default=0)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--model", default=None, help=_MODEL_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mechsteer", description="Attribution and learned steering on TransformerLens hook points.")
+    p = A.ArgumentParser(prog="mechsteer", description="Attribution and learned steering on TransformerLens hook points.")
     sub = p.add_subparsers(dest="command", required=True)
+    count, seed = A.positive_int, A.nonneg_int
 
     info = sub.add_parser("info", help="model, sizes and sites")
     info.add_argument("--model", default=None, help=_MODEL_HELP)
@@ -258,83 +259,107 @@ def build_parser() -> argparse.ArgumentParser:
 
     tasks = sub.add_parser("tasks", help="show a generated contrastive dataset")
     tasks.add_argument("--task", choices=["ccc", "ioi"], required=True)
-    tasks.add_argument("--n", type=int, default=16, help="number of items")
-    tasks.add_argument("--seed", type=int, default=0)
-    tasks.add_argument("--show", type=int, default=10, help="rows to print")
+    tasks.add_argument("--n", type=count, default=16, help="number of items")
+    tasks.add_argument("--seed", type=seed, default=0)
+    tasks.add_argument("--show", type=A.nonneg_int, default=10, help="rows to print")
     tasks.add_argument("--model", default=None, help=_MODEL_HELP)
     tasks.set_defaults(func=cmd_tasks)
 
     att = sub.add_parser("attribute", help="run attribution methods side by side")
     att.add_argument("--task", choices=["ccc", "ioi"], required=True)
-    att.add_argument("--methods", default="patching,atp,dla,attnlrp", help="comma-separated: patching,atp,dla,attnlrp")
-    att.add_argument("--n", type=int, default=16, help="prompts")
-    att.add_argument("--seed", type=int, default=0)
+    att.add_argument("--methods", type=A.names(A.attribution_methods), default="patching,atp,dla,attnlrp",
+                     help="comma-separated: patching,atp,dla,attnlrp")
+    att.add_argument("--n", type=count, default=16, help="prompts")
+    att.add_argument("--seed", type=seed, default=0)
     att.add_argument("--direction", choices=["noising", "denoising"], default="noising", help="for patching and AtP")
     att.add_argument("--out", default="out/attribute", help="output directory")
     att.add_argument("--model", default=None, help=_MODEL_HELP)
     att.set_defaults(func=cmd_attribute)
 
     steer = sub.add_parser("steer", help="train and evaluate one learnable intervention")
-    steer.add_argument("--method", default="activ_scalar", help="activ_scalar, steer_vec or dyn_scalar")
-    steer.add_argument("--sites", default="attn_out,mlp_out", help="comma-separated: attn_out,mlp_out,resid_post,z")
-    steer.add_argument("--positions", default="all", help="all, last, or comma-separated token positions")
-    steer.add_argument("--margin", type=float, default=1.0, help="m in E_m (Eq. 6)")
-    steer.add_argument("--lambda-f", type=float, default=1.0, help="weight of faithfulness F (Eq. 9)")
-    steer.add_argument("--lambda-m", type=float, default=0.0, help="weight of minimality M_1 (Eq. 9)")
+    steer.add_argument("--method", type=A.one_name(A.steer_methods), default="activ_scalar",
+                       help="activ_scalar, steer_vec or dyn_scalar")
+    steer.add_argument("--sites", type=A.names(A.steer_sites), default="attn_out,mlp_out",
+                       help="comma-separated: attn_out,mlp_out,resid_post,z")
+    steer.add_argument("--positions", type=A.positions, default="all",
+                       help="all, last, or comma-separated token positions (negative count from the end: --positions=-1)")
+    steer.add_argument("--margin", type=A.nonneg_float, default=1.0, help="m in E_m (Eq. 6)")
+    steer.add_argument("--lambda-f", type=A.nonneg_float, default=1.0, help="weight of faithfulness F (Eq. 9)")
+    steer.add_argument("--lambda-m", type=A.nonneg_float, default=0.0, help="weight of minimality M_1 (Eq. 9)")
     _add_train_args(steer)
     steer.set_defaults(func=cmd_steer)
 
     par = sub.add_parser("pareto", help="grid over lambda_F, lambda_M and m (resumable: rerun to continue)")
-    par.add_argument("--methods", default="activ_scalar,steer_vec", help="comma-separated methods")
-    par.add_argument("--sites", default="attn_out,mlp_out", help="comma-separated sites")
-    par.add_argument("--lambda-f", default="0,1,10,100", help="values of lambda_F")
-    par.add_argument("--lambda-m", default="0,1,10,100", help="values of lambda_M")
-    par.add_argument("--margins", default="0,1,10,100", help="values of the margin m")
+    par.add_argument("--methods", type=A.names(A.steer_methods), default="activ_scalar,steer_vec", help="comma-separated methods")
+    par.add_argument("--sites", type=A.names(A.steer_sites), default="attn_out,mlp_out", help="comma-separated sites")
+    par.add_argument("--lambda-f", type=A.nonneg_floats, default="0,1,10,100", help="values of lambda_F")
+    par.add_argument("--lambda-m", type=A.nonneg_floats, default="0,1,10,100", help="values of lambda_M")
+    par.add_argument("--margins", type=A.nonneg_floats, default="0,1,10,100", help="values of the margin m")
     _add_train_args(par)
     par.set_defaults(func=cmd_pareto)
 
     fv = sub.add_parser("fv", help="function vectors: head selection, FV vs DFV, zero-shot accuracy")
-    fv.add_argument("--tasks", default="", help="comma-separated task names (default: all; see mechsteer.tasks.fv.FV_TASKS)")
+    fv.add_argument("--tasks", type=A.names(A.fv_tasks, allow_empty=True), default="",
+                    help="comma-separated task names (default: all; see mechsteer.tasks.fv.FV_TASKS)")
     fv.add_argument("--style", default="auto", choices=["auto", "instruction", "chat"],
                     help="prompt style; auto = the chat template when the model has one")
-    fv.add_argument("--select", default="aie,lrp,atp", help="head selection: aie,lrp,atp")
-    fv.add_argument("--inject", default="fv,dfv", help="injection: fv (one layer), dfv (each head at its own place)")
-    fv.add_argument("--k", type=int, default=20, help="top-k heads")
-    fv.add_argument("--n-instructions", type=int, default=5, help="instructions kept per task")
-    fv.add_argument("--n-queries", type=int, default=20, help="filtered prompts per instruction for mean activations")
-    fv.add_argument("--n-cie", type=int, default=5, help="prompts per instruction scored by AIE / LRP / AtP")
-    fv.add_argument("--n-test", type=int, default=20, help="held-out inputs per task (half validation, half test)")
-    fv.add_argument("--min-correct", type=int, default=20, help="correct items an instruction needs (of --pool)")
-    fv.add_argument("--pool", type=int, default=60, help="items per instruction tried when ranking instructions")
-    fv.add_argument("--sweep-layers", default="all", help="FV layers to try: all, or comma-separated")
-    fv.add_argument("--scale", type=float, default=1.0, help="injection scale")
-    fv.add_argument("--naive-samples", type=int, default=1, help="prompts timed with naive AIE (n_heads forwards each)")
-    fv.add_argument("--lrp-max-rank", type=int, default=5, help="LRP skips prompts whose answer ranks below this")
+    fv.add_argument("--select", type=A.names(A.fv_selections), default="aie,lrp,atp", help="head selection: aie,lrp,atp")
+    fv.add_argument("--inject", type=A.names(A.fv_injections), default="fv,dfv",
+                    help="injection: fv (one layer), dfv (each head at its own place)")
+    fv.add_argument("--k", type=count, default=20, help="top-k heads")
+    fv.add_argument("--n-instructions", type=count, default=5, help="instructions kept per task")
+    fv.add_argument("--n-queries", type=count, default=20, help="filtered prompts per instruction for mean activations")
+    fv.add_argument("--n-cie", type=count, default=5, help="prompts per instruction scored by AIE / LRP / AtP")
+    fv.add_argument("--n-test", type=count, default=20, help="held-out inputs per task (half validation, half test)")
+    fv.add_argument("--min-correct", type=A.nonneg_int, default=20, help="correct items an instruction needs (of --pool)")
+    fv.add_argument("--pool", type=count, default=60, help="items per instruction tried when ranking instructions")
+    fv.add_argument("--sweep-layers", type=A.layers, default="all", help="FV layers to try: all, or comma-separated")
+    fv.add_argument("--scale", type=A.finite_float, default=1.0, help="injection scale")
+    fv.add_argument("--naive-samples", type=count, default=1, help="prompts timed with naive AIE (n_heads forwards each)")
+    fv.add_argument("--lrp-max-rank", type=count, default=5, help="LRP skips prompts whose answer ranks below this")
     fv.add_argument("--no-filter", action="store_true", help="keep every task and item (for random-weight test models)")
-    fv.add_argument("--seed", type=int, default=0)
+    fv.add_argument("--seed", type=seed, default=0)
     fv.add_argument("--out", required=True, help="output directory")
     fv.add_argument("--model", default=None, help=_MODEL_HELP)
     fv.set_defaults(func=cmd_fv)
 
     demo = sub.add_parser("demo", help="write the HTML report on the embedded model")
     demo.add_argument("--out", default="out/demo", help="output directory (index.html, summary.json)")
-    demo.add_argument("--n", type=int, default=32, help="prompts per task")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--attribution-n", type=int, default=8, help="prompts per task for the attribution section (0 skips it)")
-    demo.add_argument("--steer-n", type=int, default=32, help="CCC prompts for the activation-scaling section (0 skips it)")
-    demo.add_argument("--steer-epochs", type=int, default=25, help="training epochs in the activation-scaling section")
-    demo.add_argument("--fv-tasks", default=DEMO_FV_TASKS, help="function-vector tasks for the demo ('' skips the section)")
+    demo.add_argument("--n", type=count, default=32, help="prompts per task")
+    demo.add_argument("--seed", type=seed, default=0)
+    demo.add_argument("--attribution-n", type=A.nonneg_int, default=8, help="prompts per task for the attribution section (0 skips it)")
+    demo.add_argument("--steer-n", type=A.nonneg_int, default=32, help="CCC prompts for the activation-scaling section (0 skips it)")
+    demo.add_argument("--steer-epochs", type=count, default=25, help="training epochs in the activation-scaling section")
+    demo.add_argument("--fv-tasks", type=A.names(A.fv_tasks, allow_empty=True), default=DEMO_FV_TASKS,
+                      help="function-vector tasks for the demo ('' skips the section)")
     demo.add_argument("--model", default=None, help=_MODEL_HELP)
     demo.set_defaults(func=cmd_demo)
     return p
 
 
+# Errors that mean bad input (a bad option value, a model that is not there, a missing
+# model wheel): one line and exit status 2. TypeError is not among them: argparse has
+# typed every value, so a TypeError from the library is a bug, shown with its traceback.
+BAD_INPUT = (ValueError, FileNotFoundError, ImportError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line on ``argv``; return the exit status (0 ok, 2 bad input, 130 Ctrl-C)."""
     try:
+        try:
+            args = build_parser().parse_args(argv)  # one line on a bad option value
+        except SystemExit as e:  # --help, or argparse's error: return its status, as for every error
+            return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+        if getattr(args, "out", None) is not None:
+            A.check_out_dir(args.out)  # before any model is loaded or any work is done
         return args.func(args)
-    except (ValueError, ImportError) as e:
-        print(f"mechsteer: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("mechsteer: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, the shell's convention
+    except BAD_INPUT as e:
+        if os.environ.get("MECHSTEER_DEBUG"):
+            raise
+        print(f"mechsteer: error: {A.one_line(e)}", file=sys.stderr)
         return 2
 
 
