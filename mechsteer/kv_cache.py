@@ -37,7 +37,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["bridged", "fix_bridge", "PrefixCache", "reuse_problem", "cached_decoding_works", "use_cache_for"]
+__all__ = ["bridged", "fix_bridge", "PrefixCache", "reuse_problem", "cached_decoding_works", "use_cache_for",
+           "last_logits"]
 
 
 def _rename_cache_kwarg(module, args, kwargs):
@@ -168,6 +169,34 @@ def use_cache_for(model, use_past_kv_cache: bool = True, *, who: str = "generati
     entering a steering context (its check runs the model unsteered), and generate
     inside ``bridged(model)``."""
     return bool(use_past_kv_cache) and cached_decoding_works(model, who=who)
+
+
+MIN_SHARED = 4  # shorter common prefixes are not worth a second forward
+
+
+@torch.no_grad()
+def last_logits(model, tokens: Tensor, *, share_prefix: bool = False) -> Tensor:
+    """Logits ``(B, d_vocab)`` at the last position of equal-length ``tokens`` ``(B, T)``.
+
+    With ``share_prefix``, the longest token prefix common to every row (a chat template's
+    system prompt, an instruction) runs once, for one row, and every row continues from its
+    keys and values: the same logits to float rounding, for the cost of the suffixes.
+    Plain forward when the rows share under ``MIN_SHARED`` tokens or cached decoding is
+    off on this model. Only for unsteered runs: a hook that reads positions (an injection
+    at "the last token") would see the prefix and the suffix as two sequences.
+    """
+    B, T = tokens.shape
+    if share_prefix and T > MIN_SHARED:
+        same = (tokens == tokens[:1]).all(0).long().cumprod(0)  # (T,): 1 while every row agrees
+        c = min(int(same.sum()), T - 1)
+        if c >= MIN_SHARED and cached_decoding_works(model, who="shared-prefix forward"):
+            with bridged(model):
+                _, past = model(tokens[:1, :c], return_type="logits_and_cache", logits_to_keep=1)
+                if reuse_problem(past, 1, c) is None:
+                    rows = torch.zeros(B, dtype=torch.long, device=tokens.device)
+                    cache = PrefixCache(past).cache(rows, c)
+                    return model(tokens[:, c:], past_key_values=cache, logits_to_keep=1)[:, -1]
+    return model(tokens, logits_to_keep=1)[:, -1]
 
 
 def _decoding_problem(model) -> str | None:

@@ -122,3 +122,23 @@ def test_bridged_hands_the_cache_over_on_a_bare_bridge():
     with pytest.raises(RuntimeError, match="boom"), kv_cache.bridged(bare):
         raise RuntimeError("boom")
     assert all(not b.attn._forward_pre_hooks for b in bare.blocks)  # removed, also after an exception
+
+
+def test_shared_prefix_logits_equal_a_plain_forward(tiny):
+    prefix = tiny.to_tokens("Give the opposite word of each input below")[0]  # (c,)
+    tails = torch.randint(5, 200, (3, 4), generator=torch.Generator().manual_seed(0))
+    tokens = torch.cat([prefix.expand(3, -1), tails], dim=1)  # (3, c + 4): rows share c tokens
+    plain = tiny(tokens)[:, -1]
+    shared = kv_cache.last_logits(tiny, tokens, share_prefix=True)
+    torch.testing.assert_close(shared, plain, atol=1e-4, rtol=0)
+    torch.testing.assert_close(kv_cache.last_logits(tiny, tokens), plain, atol=1e-5, rtol=0)
+    assert live_hooks(tiny) == []
+
+
+def test_top_k_with_a_shared_prefix_equals_plain(tiny_gpt2):
+    from mechsteer.tasks.fv import fv_prompts, top_k_predictions
+
+    p = fv_prompts(tiny_gpt2, "antonym", n=6, instructions=[0])  # rows share the instruction
+    plain = top_k_predictions(tiny_gpt2, p, 3, progress=False)
+    shared = top_k_predictions(tiny_gpt2, p, 3, progress=False, share_prefix=True)
+    assert torch.equal(plain, shared)

@@ -226,7 +226,7 @@ def prepare_task(model, task: str, instructions: Sequence[int], cfg: FVConfig) -
     pick = lambda p, keep: p.subset([i for i, x in enumerate(p.inputs) if x in keep])  # noqa: E731
     prompts = fv_prompts(model, task, style=prompt_style(model, cfg), instructions=list(instructions), seed=cfg.seed)
     train = pick(prompts, set(order[cfg.n_test :]))
-    kept, info = filter_correct(model, train, progress=False)
+    kept, info = filter_correct(model, train, progress=False, share_prefix=True)  # unsteered: the prefix runs once
     if not cfg.filter:
         kept = train
     if len(kept) == 0:
@@ -246,7 +246,7 @@ def run_fv(model, config: FVConfig = FVConfig()) -> FVRun:
     cfg, t0 = config, time.perf_counter()
     tasks = list(cfg.tasks) if cfg.tasks is not None else list(FV_TASKS)
     table = instruction_accuracy(model, tasks, style=prompt_style(model, cfg), n=cfg.pool, seed=cfg.seed,
-                                 progress=cfg.progress)
+                                 progress=cfg.progress, share_prefix=True)
     chosen = select_tasks(table, min_correct=cfg.min_correct, n_instructions=cfg.n_instructions)
     if not cfg.filter:
         chosen = {t: sorted(table[table["task"] == t]["instruction"])[: cfg.n_instructions] for t in tasks}

@@ -58,6 +58,7 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechsteer import kv_cache
 from mechsteer._validate import nonneg_int, positive_int
 
 STYLES = ("instruction", "chat", "icl", "zero_shot")
@@ -450,20 +451,22 @@ def corrupt(model, prompts: FVPrompts, seed: int = 0) -> FVPrompts:
 
 @torch.no_grad()
 def top_k_predictions(
-    model, prompts: FVPrompts, k: int = 1, batch_size: int = 32, progress: bool = True
+    model, prompts: FVPrompts, k: int = 1, batch_size: int = 32, progress: bool = True, *, share_prefix: bool = False
 ) -> Int[Tensor, "batch k"]:
-    """The model's ``k`` most likely next tokens at each prompt's last position (on CPU)."""
+    """The model's ``k`` most likely next tokens at each prompt's last position (on CPU).
+    ``share_prefix``: unsteered runs compute a batch's common token prefix once
+    (``mechsteer.kv_cache.last_logits``)."""
     k, batch_size = positive_int("k", k), positive_int("batch_size", batch_size)
     out = torch.empty(len(prompts), k, dtype=torch.long)
     groups = list(prompts.batches(batch_size))
     for idx, toks in tqdm(groups, desc=f"{prompts.task} top-{k}", disable=not progress):
-        logits = model(toks.to(model.cfg.device), logits_to_keep=1)[:, -1]  # (B, V)
+        logits = kv_cache.last_logits(model, toks.to(model.cfg.device), share_prefix=share_prefix)  # (B, V)
         out[idx] = logits.topk(k, dim=-1).indices.cpu()
     return out
 
 
 def filter_correct(
-    model, prompts: FVPrompts, batch_size: int = 32, progress: bool = True
+    model, prompts: FVPrompts, batch_size: int = 32, progress: bool = True, *, share_prefix: bool = False
 ) -> tuple[FVPrompts, dict[str, Any]]:
     """The prompts whose answer is the model's top-1 prediction, and
     ``{"accuracy", "n", "kept", "kept_per_instruction"}``.
@@ -477,7 +480,7 @@ def filter_correct(
     """
     if len(prompts) == 0:
         raise ValueError("prompts is empty: nothing to filter.")
-    top1 = top_k_predictions(model, prompts, 1, batch_size, progress)[:, 0]
+    top1 = top_k_predictions(model, prompts, 1, batch_size, progress, share_prefix=share_prefix)[:, 0]
     keep = [i for i in range(len(prompts)) if top1[i] == prompts.answers[i]]
     per = Counter(prompts.instructions[i] for i in keep)
     info = {"accuracy": len(keep) / len(prompts), "n": len(prompts), "kept": len(keep),
@@ -516,6 +519,7 @@ def instruction_accuracy(
     seed: int = 0,
     batch_size: int = 32,
     progress: bool = True,
+    share_prefix: bool = False,
 ) -> pd.DataFrame:
     """Top-1 and top-3 accuracy per (task, instruction) on ``n`` items per instruction
     (``instruction = -1`` for styles without one); ``instructions[task]``: the indices to
@@ -530,7 +534,7 @@ def instruction_accuracy(
     for name in tqdm(list(tasks or FV_TASKS), desc="tasks", disable=not progress):
         which = (instructions or {}).get(name)
         p = fv_prompts(model, name, style=style, n=n, instructions=which, seed=seed)
-        top3 = top_k_predictions(model, p, 3, batch_size, progress=False)
+        top3 = top_k_predictions(model, p, 3, batch_size, progress=False, share_prefix=share_prefix)
         hit1 = top3[:, 0] == p.answers
         hit3 = (top3 == p.answers[:, None]).any(-1)
         for i in sorted(set(p.instructions)):
