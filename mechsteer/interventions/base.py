@@ -333,11 +333,13 @@ class Intervention(torch.nn.Module):
             yield calls
 
     def forward(
-        self, model, tokens: Int[Tensor, "batch pos"], beta: float | int | Float[Tensor, "*b"] = 1.0
-    ) -> Float[Tensor, "batch pos vocab"]:
-        """Logits f~^beta(x) of ``model`` on ``tokens`` under this intervention."""
+        self, model, tokens: Int[Tensor, "batch pos"], beta: float | int | Float[Tensor, "*b"] = 1.0,
+        *, last_only: bool = False,
+    ) -> Float[Tensor, "batch out_pos vocab"]:
+        """Logits f~^beta(x) of ``model`` on ``tokens`` under this intervention; ``last_only``:
+        the last position's alone (``(batch, 1, vocab)``, the unembedding of one position)."""
         with self.apply(model, beta):
-            return model(tokens)
+            return model(tokens, logits_to_keep=1) if last_only else model(tokens)
 
     def extra_repr(self) -> str:
         return f"sites={self.sites}, layers={self.layers}, positions={self.positions!r}, n_pos={self.n_pos}, n_params={self.n_params}"

@@ -180,7 +180,7 @@ def _measure(model, iv: Intervention, data: tuple, b: float, batch_size: int) ->
         sl = slice(i, i + batch_size)
         both, beta = plus_minus_batch(tokens[sl])
         with iv.apply(model, beta * b):
-            logits = model(both)[:, -1]
+            logits = model(both, logits_to_keep=1)[:, -1]
         plus, minus = logits.chunk(2)
         e += effectiveness(plus, minus, correct[sl], wrong[sl], 0.0).item() * len(plus)
         f += faithfulness(plus, minus, clean[sl]).item() * len(plus)
@@ -199,7 +199,7 @@ def _refine(model, iv, data, b0: float, steps: int, lr: float, margin: float, la
         with torch.enable_grad():
             b = b0 * u.exp()
             with iv.apply(model, beta * b.to(tokens.device)):
-                plus, minus = model(both)[:, -1].chunk(2)
+                plus, minus = model(both, logits_to_keep=1)[:, -1].chunk(2)
             psi = effectiveness(plus, minus, correct[sl], wrong[sl], margin) + lambda_f * faithfulness(plus, minus, clean[sl])
             (g,) = torch.autograd.grad(-psi, [u])
         u.grad = g

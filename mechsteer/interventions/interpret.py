@@ -79,7 +79,7 @@ def beta_sweep(
     fc, fw = [], []
     for i in tqdm(range(0, k * n, batch_size), desc="beta sweep", disable=not progress):
         sl = slice(i, i + batch_size)
-        logits = intervention(model, tokens[sl], beta_all[sl])[:, -1]  # (b, V)
+        logits = intervention(model, tokens[sl], beta_all[sl], last_only=True)[:, -1]  # (b, V)
         fc.append(logits.gather(-1, correct[sl, None])[:, 0].float().cpu())
         fw.append(logits.gather(-1, wrong[sl, None])[:, 0].float().cpu())
     fc, fw = torch.cat(fc).view(k, n), torch.cat(fw).view(k, n)

@@ -107,7 +107,7 @@ def objective(
 @torch.no_grad()
 def clean_last_logits(model, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch vocab"]:
     """Clean logits f(x_n) at the last position, without gradient (compute once per dataset)."""
-    return model(tokens)[:, -1]
+    return model(tokens, logits_to_keep=1)[:, -1]
 
 
 def plus_minus_logits(
@@ -115,6 +115,6 @@ def plus_minus_logits(
 ) -> tuple[Float[Tensor, "batch vocab"], Float[Tensor, "batch vocab"]]:
     """(f~+, f~-) at the last position from ONE forward pass of the prompts stacked twice."""
     both, beta = plus_minus_batch(tokens)
-    logits = intervention(model, both, beta)[:, -1]  # (2B, V)
+    logits = intervention(model, both, beta, last_only=True)[:, -1]  # (2B, V)
     b = tokens.shape[0]
     return logits[:b], logits[b:]
