@@ -26,11 +26,11 @@ import time
 from pathlib import Path
 
 from mechsteer import _cli_args as A
+from mechsteer.demo import DEMO_FV_TASKS
 
 _MODEL_HELP = "model name: an embedded model (default SmolLM2-135M-Instruct, or gemma-3-270m), 'tiny-llama'/'tiny-gpt2' (random weights, for smoke tests), or a Hugging Face name"
 
 
-DEMO_FV_TASKS = "country-capital,singular-plural,antonym"  # tasks SmolLM2-135M does with (chat) instructions
 
 
 def _load(name: str | None):
@@ -82,50 +82,15 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from mechsteer.report import Report, model_section, task_section
-    from mechsteer.tasks import make_task
+    from mechsteer.demo import DemoConfig, run_demo
 
     t0 = time.perf_counter()
-    _log("loading model")
+    given = {k: getattr(args, k) for k in ("n", "attribution_n", "steer_n", "steer_epochs", "fv_tasks", "seed")
+             if getattr(args, k) is not None}
+    cfg = DemoConfig.full(**given) if args.full else DemoConfig(**given)
+    _log(f"loading model ({cfg.size} demo)")
     model = _load(args.model)
-    report = Report(f"mechsteer demo: {model.cfg.model_name}")
-    _log("model section")
-    report.add(model_section(model))
-    _log("task section")
-    datasets = [make_task(name, model, n=args.n, seed=args.seed) for name in ("ccc", "ioi")]
-    report.add(task_section(model, datasets))
-    if args.attribution_n > 0:
-        from mechsteer.attribution.suite import run_suite
-        from mechsteer.report import attribution_section
-
-        _log("attribution section")
-        suites = [run_suite(model, ds.subset(slice(0, args.attribution_n))) for ds in datasets]
-        report.add(attribution_section(suites))
-    if args.steer_n > 0:
-        from mechsteer.interventions.pipeline import METHODS, steer_task
-        from mechsteer.interventions.train import TrainConfig
-        from mechsteer.report import steering_section
-
-        runs = []
-        for method in METHODS:
-            _log(f"steering section: training {method}")
-            # App. A.1's lr (1e-3 scalars, 1e-4 vectors) is for single-prompt training; with
-            # batches of 8 prompts the demo uses 10x that to move in its 75 steps.
-            lr = 1e-3 if method == "steer_vec" else 1e-2
-            cfg = TrainConfig(epochs=args.steer_epochs, batch_size=8, lr=lr, progress=False)
-            runs.append(steer_task(model, "ccc", method, n=args.steer_n, config=cfg, seed=args.seed))
-        report.add(steering_section(model, runs))
-    if args.fv_tasks:
-        from mechsteer.fv.pipeline import FVConfig, run_fv
-        from mechsteer.report import fv_section
-
-        _log(f"function-vector section on {','.join(args.fv_tasks)}")
-        tiny = model.cfg.model_name.startswith("tiny")  # random weights answer nothing: skip the filter
-        n_heads = model.cfg.n_layers * model.cfg.n_heads
-        cfg = FVConfig(tasks=args.fv_tasks, k=min(10, n_heads // 2), n_instructions=3, n_queries=10, n_cie=3, n_test=10,
-                       min_correct=5, pool=30, sweep_layers=tuple(range(0, model.cfg.n_layers, 3)),
-                       filter=not tiny, lrp_max_rank=10**6 if tiny else 5, seed=args.seed, progress=False)
-        report.add(fv_section(run_fv(model, cfg)))
+    report = run_demo(model, cfg, log=_log)
     path = report.write(args.out)
     _log(f"wrote {path} and {Path(args.out) / 'summary.json'} in {time.perf_counter() - t0:.1f}s")
     return 0
@@ -325,13 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="write the HTML report on the embedded model")
     demo.add_argument("--out", default="out/demo", help="output directory (index.html, summary.json)")
-    demo.add_argument("--n", type=count, default=32, help="prompts per task")
-    demo.add_argument("--seed", type=seed, default=0)
-    demo.add_argument("--attribution-n", type=A.nonneg_int, default=8, help="prompts per task for the attribution section (0 skips it)")
-    demo.add_argument("--steer-n", type=A.nonneg_int, default=32, help="CCC prompts for the activation-scaling section (0 skips it)")
-    demo.add_argument("--steer-epochs", type=count, default=25, help="training epochs in the activation-scaling section")
-    demo.add_argument("--fv-tasks", type=A.names(A.fv_tasks, allow_empty=True), default=DEMO_FV_TASKS,
-                      help="function-vector tasks for the demo ('' skips the section)")
+    demo.add_argument("--full", action="store_true",
+                      help="the paper-sized run (about an hour on 2 CPU cores) instead of the quick one (under 10 minutes)")
+    demo.add_argument("--n", type=count, default=None, help="prompts per task (default 32)")
+    demo.add_argument("--seed", type=seed, default=None, help="default 0")
+    demo.add_argument("--attribution-n", type=A.nonneg_int, default=None,
+                      help="prompts per task for the attribution section (default 4, --full 16; 0 skips it)")
+    demo.add_argument("--steer-n", type=A.nonneg_int, default=None,
+                      help="CCC prompts for the activation-scaling section (default 32, --full 48; 0 skips it)")
+    demo.add_argument("--steer-epochs", type=count, default=None, help="training epochs (default 10, --full 25)")
+    demo.add_argument("--fv-tasks", type=A.names(A.fv_tasks, allow_empty=True), default=None,
+                      help=f"function-vector tasks (default {','.join(DEMO_FV_TASKS)}; '' skips the section)")
     demo.add_argument("--model", default=None, help=_MODEL_HELP)
     demo.set_defaults(func=cmd_demo)
     return p

@@ -70,7 +70,9 @@ def bridged(model) -> Iterator[None]:
     """
     handles = [m.register_forward_pre_hook(_rename_cache_kwarg, with_kwargs=True) for m in _attention_modules(model)]
     try:
-        yield
+        with warnings.catch_warnings():  # TransformerLens' own use of the old keyword, not the caller's
+            warnings.filterwarnings("ignore", message=r".*past_key_values.* is deprecated", category=FutureWarning)
+            yield
     finally:
         for h in handles:
             h.remove()

@@ -49,8 +49,9 @@ def table_html(df: pd.DataFrame, **kwargs: Any) -> str:
 class Report:
     """An ordered list of sections written to ``DIR/index.html`` and ``DIR/summary.json``."""
 
-    def __init__(self, title: str = "mechsteer report"):
+    def __init__(self, title: str = "mechsteer report", meta: dict[str, Any] | None = None):
         self.title = title
+        self.meta = dict(meta or {})  # how the report was made (settings, seconds): summary.json's "meta"
         self.sections: list[Section] = []
 
     def add(self, section: Section) -> Section:
@@ -67,6 +68,7 @@ class Report:
         return {
             "mechsteer_version": mechsteer.__version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **({"meta": self.meta} if self.meta else {}),
             **{s.key: s.summary for s in self.sections},
         }
 

@@ -109,3 +109,21 @@ def test_cli_fv_writes_accuracy_timing_and_heads(tmp_path):
     assert all(len(heads) == 3 for heads in s["top_heads"].values())
     for f in ("figures.html", "accuracy.csv", "head_scores.csv", "layer_sweep.csv"):
         assert (out / f).exists()
+
+
+def test_demo_sizes_quick_and_full(tmp_path):
+    from mechsteer.demo import DemoConfig
+
+    quick, full = DemoConfig(), DemoConfig.full()
+    assert (quick.size, full.size) == ("quick", "full")
+    assert quick.attribution_n < full.attribution_n and quick.steer_epochs < full.steer_epochs
+    assert quick.fv["n_test"] < full.fv["n_test"] and full.fv["sweep_every"] == 1
+    assert DemoConfig.full(attribution_n=0).attribution_n == 0  # options override the preset
+    with pytest.raises(ValueError, match="steer_epochs"):
+        DemoConfig(steer_epochs=0)
+    out = tmp_path / "f"
+    args = ["demo", "--full", "--n", "4", "--attribution-n", "0", "--steer-n", "0", "--fv-tasks", "", "--model", "tiny-llama"]
+    assert main(args + ["--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["meta"]["demo"]["size"] == "full" and summary["meta"]["demo"]["attribution_n"] == 0
+    assert {"model", "tasks"} <= set(summary) and "steering" not in summary

@@ -1,0 +1,112 @@
+"""The demo report: every part of mechsteer on one model, at two sizes.
+
+``run_demo(model, DemoConfig())`` builds the report that ``mechsteer demo`` writes: the
+model, the tasks (CCC and IOI), the four attribution methods side by side, activation
+scaling (ActivScalar vs SteerVec vs DynScalar on CCC) and function vectors (three tasks,
+heads by AIE, AttnLRP and AtP, injected as FV and DFV).
+
+- ``DemoConfig()`` (``mechsteer demo``): every method and every section, on small
+  samples, so that a newcomer's first run ends in under 10 minutes on 2 CPU cores
+  (BENCHMARKS.md has the measured time). Its numbers are a smoke test of the pipeline,
+  not a replication: 4 prompts per attribution grid, 10 training epochs, 5 FV test items
+  per task.
+- ``DemoConfig.full()`` (``mechsteer demo --full``): the sizes of the papers' protocols
+  where this model allows them (16 attribution prompts, 25 epochs, paper 000's FV
+  settings with 5 instructions, 20 queries and 5 scored prompts per instruction, every FV
+  layer swept); about an hour on 2 CPU cores.
+
+Each section states its own sizes in the report, so a reader knows which run they see.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable
+
+from mechsteer._validate import nonneg_int, positive_int
+
+DEMO_FV_TASKS = ("country-capital", "singular-plural", "antonym")  # SmolLM2-135M does these with (chat) instructions
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of the demo's sections (the default is the quick run; ``full()`` the large one)."""
+
+    n: int = 32  # prompts per task in the task section
+    attribution_n: int = 4  # prompts per task for the four attribution methods (0 skips the section)
+    steer_n: int = 32  # CCC prompts for activation scaling, split 3:1 into train and test (0 skips)
+    steer_epochs: int = 10  # Adam epochs per method (batch 8)
+    fv_tasks: tuple[str, ...] = DEMO_FV_TASKS  # function-vector tasks (empty skips the section)
+    fv: dict[str, Any] = field(default_factory=lambda: dict(
+        k=10, n_instructions=3, n_queries=10, n_cie=3, n_test=10, min_correct=5, pool=20, sweep_every=3))
+    seed: int = 0
+    size: str = "quick"  # a label for the report: "quick" or "full"
+
+    def __post_init__(self) -> None:
+        positive_int("n", self.n)
+        for name in ("attribution_n", "steer_n"):
+            nonneg_int(name, getattr(self, name))
+        positive_int("steer_epochs", self.steer_epochs)
+        nonneg_int("seed", self.seed)
+
+    @classmethod
+    def full(cls, **overrides: Any) -> "DemoConfig":
+        """The paper-sized run (see the module docstring)."""
+        fv = dict(k=10, n_instructions=5, n_queries=20, n_cie=5, n_test=20, min_correct=10, pool=60, sweep_every=1)
+        return replace(cls(attribution_n=16, steer_n=48, steer_epochs=25, fv=fv, size="full"), **overrides)
+
+
+def run_demo(model, config: DemoConfig = DemoConfig(), log: Callable[[str], None] = print):
+    """The demo report (a ``mechsteer.report.Report``; ``.write(out)`` writes it)."""
+    from mechsteer.report import Report, model_section, task_section
+    from mechsteer.tasks import make_task
+
+    cfg, t0 = config, time.perf_counter()
+
+    def step(msg: str) -> None:
+        log(f"{time.perf_counter() - t0:6.0f}s  {msg}")
+
+    report = Report(f"mechsteer demo ({cfg.size}): {model.cfg.model_name}", meta={"demo": asdict(cfg)})
+    step("model section")
+    report.add(model_section(model))
+    step("task section")
+    datasets = [make_task(name, model, n=cfg.n, seed=cfg.seed) for name in ("ccc", "ioi")]
+    report.add(task_section(model, datasets))
+    if cfg.attribution_n > 0:
+        from mechsteer.attribution.suite import run_suite
+        from mechsteer.report import attribution_section
+
+        step(f"attribution section ({cfg.attribution_n} prompts per task)")
+        suites = [run_suite(model, ds.subset(slice(0, min(cfg.attribution_n, len(ds)))))
+                  for ds in datasets]
+        report.add(attribution_section(suites))
+    if cfg.steer_n > 0:
+        from mechsteer.interventions.pipeline import METHODS, steer_task
+        from mechsteer.interventions.train import TrainConfig
+        from mechsteer.report import steering_section
+
+        runs = []
+        for method in METHODS:
+            step(f"steering section: training {method} ({cfg.steer_epochs} epochs)")
+            # App. A.1's lr (1e-3 scalars, 1e-4 vectors) is for single-prompt training; with
+            # batches of 8 prompts the demo uses 10x that to move in few steps.
+            lr = 1e-3 if method == "steer_vec" else 1e-2
+            tc = TrainConfig(epochs=cfg.steer_epochs, batch_size=8, lr=lr, progress=False)
+            runs.append(steer_task(model, "ccc", method, n=cfg.steer_n, config=tc, seed=cfg.seed))
+        report.add(steering_section(model, runs))
+    if cfg.fv_tasks:
+        from mechsteer.fv.pipeline import FVConfig, run_fv
+        from mechsteer.report import fv_section
+
+        step(f"function-vector section on {','.join(cfg.fv_tasks)}")
+        tiny = model.cfg.model_name.startswith("tiny")  # random weights answer nothing: skip the filter
+        fv = dict(cfg.fv)
+        every = fv.pop("sweep_every", 1)
+        fv["k"] = min(fv.get("k", 10), model.cfg.n_layers * model.cfg.n_heads // 2)
+        fc = FVConfig(tasks=tuple(cfg.fv_tasks), sweep_layers=tuple(range(0, model.cfg.n_layers, every)),
+                      filter=not tiny, lrp_max_rank=10**6 if tiny else 5, seed=cfg.seed, progress=False, **fv)
+        report.add(fv_section(run_fv(model, fc)))
+    report.meta["seconds"] = round(time.perf_counter() - t0, 1)
+    step("done")
+    return report
