@@ -126,9 +126,11 @@ def load_model(
                 f"{embedded.name} is small enough for one device; pass device= instead of "
                 "device_map= / n_devices=."
             )
-        return bridge_hf(
-            embedded.bridge_name or embedded.name, hf, tokenizer, device=device, default_prepend_bos=embedded.default_prepend_bos
-        )
+        with _hub_offline(True):  # everything is in memory: never ask a hub (an offline one can stall for seconds)
+            return bridge_hf(
+                embedded.bridge_name or embedded.name, hf, tokenizer, device=device,
+                default_prepend_bos=embedded.default_prepend_bos,
+            )
 
     offline = _check_loadable(name)  # fails in seconds, before TransformerLens retries for minutes
     from transformer_lens.model_bridge import TransformerBridge

@@ -215,9 +215,33 @@ def batch_rows(model, n_pos: int, n_prompts: int, keep_logits: int, batch_size: 
     return max(1, batch_size // n_prompts) * n_prompts
 
 
-def plan(first: Tensor, n_pos: int) -> list[tuple[int, Tensor]]:
-    """Group the cells that change something by the position their runs start at."""
-    return [(int(s), (first == s).nonzero().squeeze(1)) for s in first.unique() if s < n_pos]
+# A forward's fixed cost (Python and kernel launches per block) is about that of this many
+# extra token rows per block: measured on SmolLM2 on 2 CPU cores (about 3 ms per block vs
+# 0.1 ms per token and block; benchmarks/bench_patching.py). GPUs have a larger fixed cost.
+FORWARD_COST_ROWS = 32
+
+
+def plan(first: Tensor, n_pos: int, n_prompts: int = 1, rows_per_forward: int | None = None) -> list[tuple[int, Tensor]]:
+    """Group the cells that change something into runs, each from one start position.
+
+    Cells are grouped by the first position their patch changes; a group also takes the
+    cells of later starts while the positions this adds (``n_prompts`` rows each, as many
+    positions as the starts differ) cost less than a forward pass of their own
+    (``FORWARD_COST_ROWS``) and its rows fit one forward. Positions before a cell's own
+    start are recomputed unpatched: the same numbers, fewer forwards (per-position grids
+    otherwise run one small forward per position).
+    """
+    starts = [(int(s), (first == s).nonzero().squeeze(1)) for s in first.unique() if s < n_pos]
+    out: list[tuple[int, Tensor]] = []
+    for start, cells in starts:  # ascending starts
+        if out:
+            s0, group = out[-1]
+            fits = rows_per_forward is None or (len(group) + len(cells)) * n_prompts <= rows_per_forward
+            if fits and (start - s0) * n_prompts * len(cells) <= FORWARD_COST_ROWS:
+                out[-1] = (s0, torch.cat([group, cells]))
+                continue
+        out.append((start, cells))
+    return out
 
 
 @torch.no_grad()

@@ -195,7 +195,7 @@ def activation_patching(
             groups = {}
             for l in layers:
                 first = grid.first_changed(src[l], base_cache[hook_name(s, l)])  # (n_cells,), n_pos: no change
-                groups[l] = engine.plan(first if prefix else torch.where(first < n_pos, 0, n_pos), n_pos)
+                groups[l] = engine.plan(first if prefix else torch.where(first < n_pos, 0, n_pos), n_pos, B, rows)
             plans[s] = (grid, src, groups)
         cell_groups = [cells for _, _, groups in plans.values() for g in groups.values() for _, cells in g]
         n_forwards = sum(-(-len(cells) * B // rows) for cells in cell_groups)
