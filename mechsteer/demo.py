@@ -39,7 +39,8 @@ class DemoConfig:
     steer_epochs: int = 10  # Adam epochs per method (batch 8)
     fv_tasks: tuple[str, ...] = DEMO_FV_TASKS  # function-vector tasks (empty skips the section)
     fv: dict[str, Any] = field(default_factory=lambda: dict(
-        k=10, n_instructions=3, n_queries=10, n_cie=3, n_test=10, min_correct=5, pool=20, sweep_every=3))
+        k=10, n_instructions=3, n_queries=10, n_cie=3, n_test=10, min_correct=5, pool=20, sweep_every=3,
+        naive_layers=3))
     seed: int = 0
     size: str = "quick"  # a label for the report: "quick" or "full"
 

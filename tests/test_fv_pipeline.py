@@ -52,3 +52,28 @@ def test_bad_config_is_a_clear_error():
         FVConfig(select=("shap",))
     with pytest.raises(ValueError, match="n_test"):
         FVConfig(n_test=1)
+
+
+def test_naive_aie_timed_on_some_layers_is_scaled_to_all(monkeypatch):
+    """naive_layers=1 times naive AIE on layer 0 alone (one forward per head) and reports the
+    rate of all layers: the timed run's rate divided by n_layers."""
+    import mechsteer.fv.pipeline as pipeline
+    from mechsteer.tiny import tiny_model
+
+    model, seen = tiny_model("llama"), []
+    real_aie = pipeline.aie
+
+    def spy(*args, **kwargs):
+        out = real_aie(*args, **kwargs)
+        if kwargs.get("mode") == "naive":
+            seen.append((kwargs["layers"], out.meta["samples_per_minute"]))
+        return out
+
+    monkeypatch.setattr(pipeline, "aie", spy)
+    cfg = FVConfig(tasks=("capitalize",), n_instructions=1, n_queries=2, n_cie=2, n_test=4, k=3, pool=4,
+                   filter=False, lrp_max_rank=10**6, progress=False, naive_layers=1, select=("aie",), inject=("dfv",))
+    spm = run_fv(model, cfg).summary()["samples_per_minute"]["aie_naive"]
+    (layers, timed_rate), = seen
+    assert layers == [0] and spm == pytest.approx(timed_rate / model.cfg.n_layers)
+    with pytest.raises(ValueError, match="naive_layers"):
+        FVConfig(naive_layers=0)

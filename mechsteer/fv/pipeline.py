@@ -14,7 +14,8 @@
 5. top-k heads per method (global, and per task), FV layer picked on the validation
    prompts (accuracy averaged over tasks), then zero-shot top-1/top-3 accuracy on the test
    prompts: unsteered, FV and DFV, for every selection method;
-6. samples per minute of naive AIE (on ``naive_samples`` prompts), fast AIE, LRP and AtP.
+6. samples per minute of naive AIE (on ``naive_samples`` prompts, timed on
+   ``naive_layers`` layers and scaled to all), fast AIE, LRP and AtP.
 
 ``FVRun.summary()`` holds ``accuracy`` (baseline, fv/dfv per method), ``samples_per_minute``
 and the top-k heads; ``FVRun.write(out)`` writes figures, tables and ``summary.json``.
@@ -78,6 +79,7 @@ class FVConfig:
     sweep_layers: tuple[int, ...] | None = None  # FV layers tried (None: all)
     scale: float = 1.0  # injection scale
     naive_samples: int = 1  # prompts timed with naive AIE (one forward per head each)
+    naive_layers: int | None = None  # layers timed with naive AIE (None: all); its rate is scaled to all layers
     lrp_max_rank: int = 5  # LRP skips prompts whose answer ranks below this (paper's code)
     filter: bool = True  # False: keep every task, the first instructions and all items (tests)
     seed: int = 0
@@ -88,6 +90,8 @@ class FVConfig:
         for name in ("k", "n_instructions", "n_queries", "n_cie", "n_test", "pool", "naive_samples", "lrp_max_rank"):
             set_(name, positive_int(name, getattr(self, name)))  # bools refused
         set_("min_correct", nonneg_int("min_correct", self.min_correct))
+        if self.naive_layers is not None:
+            set_("naive_layers", positive_int("naive_layers", self.naive_layers))
         set_("scale", finite_float("scale", self.scale))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r} ({type(self.seed).__name__}).")
@@ -271,9 +275,13 @@ def run_fv(model, config: FVConfig = FVConfig()) -> FVRun:
     heads = {m: top_heads(r, cfg.k) for m, r in global_scores.items()}
 
     first = next(iter(data.values()))
+    # Naive AIE costs one full forward per head, the same for every head: timing it on the
+    # first naive_layers layers and scaling to all layers gives the same samples per minute.
+    n_layers = model.cfg.n_layers
+    timed = n_layers if cfg.naive_layers is None else min(cfg.naive_layers, n_layers)
     naive = aie(model, first.corrupted.subset(range(min(cfg.naive_samples, len(first.corrupted)))),
-                mean_z[first.name], mode="naive", **kw)
-    spm = {"aie_naive": _samples_per_minute(naive)}
+                mean_z[first.name], mode="naive", layers=list(range(timed)), **kw)
+    spm = {"aie_naive": _samples_per_minute(naive) * timed / n_layers}
     spm.update({m: _samples_per_minute(r) for m, r in global_scores.items()})
 
     sweep, fv_layer = _layer_sweep(model, data, mean_z, heads, cfg) if "fv" in cfg.inject else (pd.DataFrame(), {})
