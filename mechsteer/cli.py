@@ -325,6 +325,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mechsteer: interrupted", file=sys.stderr)
         return 130  # 128 + SIGINT, the shell's convention
+    except BrokenPipeError:  # `mechsteer tasks ... | head`: the reader left; stop quietly, as Unix tools do
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        except (OSError, ValueError):
+            pass
+        return 141  # 128 + SIGPIPE
     except BAD_INPUT as e:
         if os.environ.get("MECHSTEER_DEBUG"):
             raise

@@ -288,3 +288,19 @@ def test_cached_model_loads_offline_when_the_hub_is_unreachable(hub, tmp_path):
     model = mechsteer.models.load_model("mechsteer-test/tiny-gpt2")
     assert model.cfg.n_layers == 2
     assert constants.HF_HUB_OFFLINE is False and "HF_HUB_OFFLINE" not in os.environ  # restored
+
+
+def test_a_closed_pipe_stops_quietly():
+    """`mechsteer tasks ... | head -1`: no traceback when the reader leaves, exit 128 + SIGPIPE
+    (the output overflows the pipe buffer, so the write fails whatever the timing)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from mechsteer.cli import main; "
+            "sys.exit(main(['tasks', '--task', 'ioi', '--n', '600', '--show', '600', '--model', 'tiny-gpt2']))")  # > a 64 KB pipe
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # the reader leaves after one line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err
