@@ -49,6 +49,7 @@ from mechsteer.interventions.objective import (
     plus_minus_logits,
 )
 from mechsteer.interventions.vectors import SteerVec
+from mechsteer.tasks.base import ContrastiveDataset
 
 HISTORY_COLUMNS = ["epoch", "step", "psi", "effectiveness", "faithfulness", "minimality"]
 
@@ -90,31 +91,13 @@ class TrainConfig:
 
 def check_inputs(model, intervention, ds) -> None:
     """TypeError/ValueError unless ``intervention`` is an Intervention built for ``model`` and
-    ``ds`` holds (batch, pos) prompts with one correct and one wrong answer id each, all in
-    the model's vocabulary (out of range, the embedding or the logit lookup fails deep inside)."""
+    ``ds`` a ContrastiveDataset whose ids are all in the model's vocabulary (the dataset
+    checks its own shapes and dtypes when built; ``validate_for`` the vocabulary)."""
     if not isinstance(intervention, Intervention):
         raise TypeError(f"intervention must be a mechsteer Intervention, got {type(intervention).__name__}.")
-    for name in ("tokens", "correct", "wrong"):
-        if not hasattr(ds, name):
-            raise TypeError(f"ds must be a ContrastiveDataset (with .tokens, .correct, .wrong); it lacks .{name}.")
-    if ds.tokens.ndim != 2 or ds.tokens.shape[0] == 0:
-        raise ValueError(f"ds.tokens must be a non-empty (batch, pos) tensor, got shape {tuple(ds.tokens.shape)}.")
-    n = ds.tokens.shape[0]
-    if ds.correct.shape != (n,) or ds.wrong.shape != (n,):
-        raise ValueError(
-            f"ds.correct / ds.wrong must be ({n},), got {tuple(ds.correct.shape)} / {tuple(ds.wrong.shape)}."
-        )
-    vocab = model.cfg.d_vocab
-    for name in ("tokens", "correct", "wrong"):
-        ids = getattr(ds, name)
-        if ids.is_floating_point() or ids.dtype == torch.bool:
-            raise TypeError(f"ds.{name} must hold integer token ids, got dtype {ids.dtype}.")
-        bad = (ids < 0) | (ids >= vocab)
-        if bool(bad.any()):
-            raise ValueError(
-                f"ds.{name} holds ids outside the model's vocabulary 0..{vocab - 1}, e.g. {ids[bad][:5].tolist()}: "
-                "build the dataset with this model's tokenizer."
-            )
+    if not isinstance(ds, ContrastiveDataset):
+        raise TypeError(f"ds must be a ContrastiveDataset (mechsteer.tasks), got {type(ds).__name__}.")
+    ds.validate_for(model)
     intervention.check_model(model)
 
 
