@@ -217,7 +217,7 @@ def batch_rows(model, n_pos: int, n_prompts: int, keep_logits: int, batch_size: 
 
 # A forward's fixed cost (Python and kernel launches per block) is about that of this many
 # extra token rows per block: measured on SmolLM2 on 2 CPU cores (about 3 ms per block vs
-# 0.1 ms per token and block; benchmarks/bench_patching.py). GPUs have a larger fixed cost.
+# 0.1 ms per token and block; benchmarks/bench_fast_paths.py). GPUs have a larger fixed cost.
 FORWARD_COST_ROWS = 32
 
 
@@ -256,7 +256,8 @@ def sweep(
     ``groups[l]``: (start position, cells) to run at layer l (others keep ``unpatched``);
     ``base_resid[l]``: the residual entering block l of the run being patched;
     ``source[l]``: the source run's activation at ``site``; ``base_logits``: that run's
-    logits, prepended to a suffix run's when the metric needs every position.
+    logits, prepended to a suffix run's when the metric needs every position. Call it
+    inside ``kv_cache.bridged(model)`` when ``prefix`` is given.
     """
     B, out = n_prompts, []
     for layer in sorted(base_resid):
@@ -282,7 +283,7 @@ def sweep(
                 kwargs = dict(forward_kwargs)
                 if start > 0:
                     kwargs["past_key_values"] = prefix.cache(prompts, start, layer)
-                with skip_blocks_below(model, layer, skip_fmt), kv_cache.bridged(model), hooked(model, [(name, patch)]):
+                with skip_blocks_below(model, layer, skip_fmt), hooked(model, [(name, patch)]):
                     logits = model(resid[prompts, start:], start_at_layer=layer, **kwargs)
                 if base_logits is not None and start > 0:
                     logits = torch.cat([base_logits[prompts, :start], logits], dim=1)

@@ -168,16 +168,15 @@ def activation_patching(
     B, n_pos, n_layers = len(ds), ds.n_pos, model.cfg.n_layers
     layers = range(n_layers)
     m, evaluate = metric or default_metric, _evaluator(ds, metric)
-    with timer() as t, torch.no_grad():
+    with timer() as t, torch.no_grad(), kv_cache.bridged(model):  # the KV cache reaches TL's attention
         # (1) cache: the source run at the patched sites; the run being patched: the
         # residual entering each block, its own site values and its keys and values.
         site_names = [hook_name(s, l, model) for s in sites for l in layers]
         src_logits, src_cache = engine.cache_run(model, source, site_names)
         resid_names = [hook_name("resid_pre", l, model) for l in layers]
-        with kv_cache.bridged(model):
-            (base_logits, past), base_cache = engine.cache_run(
-                model, base, list(dict.fromkeys(resid_names + site_names)), return_type="logits_and_cache"
-            )
+        (base_logits, past), base_cache = engine.cache_run(
+            model, base, list(dict.fromkeys(resid_names + site_names)), return_type="logits_and_cache"
+        )
         clean_logits, corrupt_logits = (src_logits, base_logits) if direction == "denoising" else (base_logits, src_logits)
         m_clean = check_metric_output(m(clean_logits, ds), name="metric")
         m_corr = check_metric_output(m(corrupt_logits, ds), name="metric")
