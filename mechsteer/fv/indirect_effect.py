@@ -92,7 +92,8 @@ class _Reuse:
     def __init__(self) -> None:
         self.checked, self.skip, self.prefix = False, None, True
 
-    def check(self, model, tokens, resid, past, logits, layers) -> None:
+    def check(self, model, tokens, resid, prefix, logits, layers) -> None:
+        """``prefix``: the first group's ``kv_cache.PrefixCache`` (None: it cannot be reused)."""
         if self.checked:
             return
         self.checked = True
@@ -100,7 +101,6 @@ class _Reuse:
         self.skip = engine.skipping_works(model, resid[last][:1], last)
         if tokens.shape[1] == 1:  # one-token prompts: no earlier tokens to reuse
             return
-        prefix = kv_cache.PrefixCache.of(past, tokens.shape[0], tokens.shape[1], who="aie(mode='fast')")
         if prefix is None:
             self.prefix = False
             return
@@ -159,10 +159,10 @@ def _fast_group(model, tokens, answers, mean_z, layers, n_rows, reuse: _Reuse, b
 
     with kv_cache.bridged(model), hooked(model, [(hook_name("resid_pre", l, model), keep(l)) for l in layers]):
         logits, past = model(tokens, return_type="logits_and_cache", logits_to_keep=1)
-    reuse.check(model, tokens, resid, past, logits, layers)
-    prefix = None  # this group's own keys and values
+    prefix = None  # this group's own keys and values (warns once, naming why, when not reusable)
     if reuse.prefix and T > 1:
         prefix = kv_cache.PrefixCache.of(past, B, T, who="aie(mode='fast')")
+    reuse.check(model, tokens, resid, prefix, logits, layers)
     resume = reuse.prefix and (T == 1 or prefix is not None)
     p_base = answer_prob(logits, answers)
     patched = torch.zeros(B, len(layers), H, device=p_base.device)
