@@ -41,6 +41,9 @@ __all__ = ["bridged", "fix_bridge", "PrefixCache", "reuse_problem", "cached_deco
            "last_logits"]
 
 
+_FIXED = "_mechsteer_cache_kwarg_fixed"  # set by fix_bridge on an attention module
+
+
 def _rename_cache_kwarg(module, args, kwargs):
     if "cache" in kwargs and "past_key_values" not in kwargs:
         kwargs = dict(kwargs)
@@ -68,7 +71,8 @@ def bridged(model) -> Iterator[None]:
     >>> torch.equal(cached, plain)
     True
     """
-    handles = [m.register_forward_pre_hook(_rename_cache_kwarg, with_kwargs=True) for m in _attention_modules(model)]
+    handles = [m.register_forward_pre_hook(_rename_cache_kwarg, with_kwargs=True)
+               for m in _attention_modules(model) if not m.__dict__.get(_FIXED)]  # fix_bridge's need none
     try:
         with warnings.catch_warnings():  # TransformerLens' own use of the old keyword, not the caller's
             warnings.filterwarnings("ignore", message=r".*past_key_values.* is deprecated", category=FutureWarning)
@@ -83,9 +87,9 @@ def fix_bridge(model) -> None:
     this, so a user's own ``model.generate`` decodes correctly too). Idempotent; a torch
     pre-hook on each attention module, not a TransformerLens hook (``reset_hooks`` keeps it)."""
     for m in _attention_modules(model):
-        if not getattr(m, "_mechsteer_cache_kwarg_fixed", False):
+        if not m.__dict__.get(_FIXED):
             m.register_forward_pre_hook(_rename_cache_kwarg, with_kwargs=True)
-            m.__dict__["_mechsteer_cache_kwarg_fixed"] = True
+            m.__dict__[_FIXED] = True  # the instance dict: bridge components forward setattr to HF
 
 
 def reuse_problem(past, n_prompts: int, n_pos: int) -> str | None:
