@@ -131,6 +131,39 @@ def normalize(x: Tensor, clean: Tensor | float, corrupted: Tensor | float) -> Te
     return check_finite("normalize", (x - corrupted) / denom)
 
 
+# ---- metrics of a dataset: what attribution methods explain -------------------------------
+# A dataset metric is ``metric(logits, ds) -> scalar tensor`` (ds: a ContrastiveDataset with
+# ``correct`` and ``wrong`` answer ids); every method's ``metric=`` takes one, or a name.
+
+
+def default_metric(logits: Tensor, ds) -> Tensor:
+    """Mean logit difference f_c - f_w at the last position."""
+    return logit_diff(logits, ds.correct.to(logits.device), ds.wrong.to(logits.device))
+
+
+def per_prompt_metric(logits: Tensor, ds) -> Tensor:
+    """Logit difference per prompt, ``(batch,)``."""
+    return logit_diff(logits, ds.correct.to(logits.device), ds.wrong.to(logits.device), reduce="none")
+
+
+def check_metric_output(value: Tensor, name: str = "metric") -> Tensor:
+    """Raise ValueError unless ``value`` is a scalar tensor."""
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(
+            f"The {name} must return a scalar tensor (e.g. a mean over prompts); it returned {shape}. "
+            "Reduce it, e.g. with .mean()."
+        )
+    return value.reshape(())
+
+
+def check_metric_values(method: str, clean: Tensor, corrupted: Tensor) -> None:
+    """FloatingPointError unless the clean and corrupted metric values are finite: a NaN
+    weight or an overflow shows up here, before it turns every score into NaN."""
+    check_finite(f"{method}: metric on the clean prompts", clean.detach())
+    check_finite(f"{method}: metric on the corrupted prompts", corrupted.detach())
+
+
 METRICS = {
     "logit_diff": logit_diff,
     "answer_prob": answer_prob,

@@ -17,42 +17,132 @@ import contextlib
 import difflib
 import numbers
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
 
+# What each method may do at a site (``Site.uses``); ``sites_for(use)`` lists them.
+USES = {
+    "patch": "activation patching and attribution patching (AtP) replace or perturb it",
+    "dla": "direct logit attribution projects it onto the unembedding",
+    "readout": "AttnLRP reads relevance out at it",
+    "intervene": "an Intervention (ActivScalar, SteerVec, DynScalar, FV/DFV) edits it",
+    "scalar": "an ActivScalar can take one scalar per cell of an attribution grid there",
+}
+_RESID_MID_NOTE = (
+    "On the TransformerLens 4 bridge hook_resid_mid is ln2.hook_in, where a returned tensor does not patch "
+    "the residual stream (only an in-place write does); use resid_post of the layer before, or attn_out."
+)
+
+
 @dataclass(frozen=True)
 class Site:
-    """One activation family: its hook-name template and the axes after ``batch``."""
+    """One activation family: its hook-name template, the axes after ``batch``, and the
+    facts methods ask for (which ``uses`` it supports; a ``note`` shown in errors)."""
 
     name: str
-    hook: str  # with {layer}
+    hook: str  # with {layer} where the site exists once per block
     axes: tuple[str, ...]
     doc: str
+    uses: frozenset[str] = frozenset()
+    note: str = ""
 
     @property
     def per_head(self) -> bool:
         """Whether the site has a head axis (query heads or KV heads)."""
         return "head" in self.axes or "kv_head" in self.axes
 
+    @property
+    def per_layer(self) -> bool:
+        """Whether the site exists once per block (else once per model, e.g. ``embed``)."""
+        return "{layer}" in self.hook
+
+
+def _site(name, hook, axes, doc, uses="", note=""):
+    return Site(name, hook, axes, doc, frozenset(uses.split()), note)
+
 
 SITES: dict[str, Site] = {
     s.name: s
     for s in [
-        Site("resid_pre", "blocks.{layer}.hook_resid_pre", ("pos", "d_model"), "residual stream entering the block"),
-        Site("resid_mid", "blocks.{layer}.hook_resid_mid", ("pos", "d_model"), "residual stream between attention and MLP"),
-        Site("resid_post", "blocks.{layer}.hook_resid_post", ("pos", "d_model"), "residual stream leaving the block"),
-        Site("attn_out", "blocks.{layer}.hook_attn_out", ("pos", "d_model"), "attention output added to the residual"),
-        Site("mlp_out", "blocks.{layer}.hook_mlp_out", ("pos", "d_model"), "MLP output added to the residual"),
-        Site("z", "blocks.{layer}.attn.hook_z", ("pos", "head", "d_head"), "per-head attention-weighted values, before W_O"),
-        Site("result", "blocks.{layer}.attn.hook_result", ("pos", "head", "d_model"), "per-head output after W_O (needs use_attn_result)"),
-        Site("pattern", "blocks.{layer}.attn.hook_pattern", ("head", "query_pos", "key_pos"), "attention weights A"),
-        Site("q", "blocks.{layer}.attn.hook_q", ("pos", "head", "d_head"), "queries"),
-        Site("k", "blocks.{layer}.attn.hook_k", ("pos", "kv_head", "d_head"), "keys (per KV head on GQA models)"),
-        Site("v", "blocks.{layer}.attn.hook_v", ("pos", "kv_head", "d_head"), "values (per KV head on GQA models)"),
+        _site("resid_pre", "blocks.{layer}.hook_resid_pre", ("pos", "d_model"), "residual stream entering the block",
+              "patch readout"),
+        _site("resid_mid", "blocks.{layer}.hook_resid_mid", ("pos", "d_model"),
+              "residual stream between attention and MLP", "patch readout", _RESID_MID_NOTE),
+        _site("resid_post", "blocks.{layer}.hook_resid_post", ("pos", "d_model"), "residual stream leaving the block",
+              "patch readout intervene scalar"),
+        _site("attn_out", "blocks.{layer}.hook_attn_out", ("pos", "d_model"), "attention output added to the residual",
+              "patch dla readout intervene scalar"),
+        _site("mlp_out", "blocks.{layer}.hook_mlp_out", ("pos", "d_model"), "MLP output added to the residual",
+              "patch dla readout intervene scalar"),
+        _site("z", "blocks.{layer}.attn.hook_z", ("pos", "head", "d_head"),
+              "per-head attention-weighted values, before W_O", "patch dla intervene"),
+        _site("result", "blocks.{layer}.attn.hook_result", ("pos", "head", "d_model"),
+              "per-head output after W_O (needs use_attn_result)"),
+        _site("pattern", "blocks.{layer}.attn.hook_pattern", ("head", "query_pos", "key_pos"), "attention weights A"),
+        _site("q", "blocks.{layer}.attn.hook_q", ("pos", "head", "d_head"), "queries"),
+        _site("k", "blocks.{layer}.attn.hook_k", ("pos", "kv_head", "d_head"), "keys (per KV head on GQA models)"),
+        _site("v", "blocks.{layer}.attn.hook_v", ("pos", "kv_head", "d_head"), "values (per KV head on GQA models)"),
+        _site("mlp_pre", "blocks.{layer}.mlp.hook_pre", ("pos", "d_mlp"), "MLP pre-activation (the gate on gated MLPs)"),
+        _site("mlp_pre_linear", "blocks.{layer}.mlp.hook_pre_linear", ("pos", "d_mlp"),
+              "the linear (up) branch of a gated MLP"),
+        _site("mlp_post", "blocks.{layer}.mlp.hook_post", ("pos", "d_mlp"), "MLP hidden activation, before W_out"),
+        _site("ln1_scale", "blocks.{layer}.ln1.hook_scale", ("pos", "one"), "scale of the norm before attention"),
+        _site("ln2_scale", "blocks.{layer}.ln2.hook_scale", ("pos", "one"), "scale of the norm before the MLP"),
+        _site("ln1_post_scale", "blocks.{layer}.ln1_post.hook_scale", ("pos", "one"),
+              "scale of the norm after attention (Gemma-2/3 only)"),
+        _site("ln2_post_scale", "blocks.{layer}.ln2_post.hook_scale", ("pos", "one"),
+              "scale of the norm after the MLP (Gemma-2/3 only)"),
+        _site("embed", "hook_embed", ("pos", "d_model"), "token embeddings"),
+        _site("pos_embed", "hook_pos_embed", ("pos", "d_model"), "learned positional embeddings (GPT-2 style only)"),
+        _site("final_scale", "ln_final.hook_scale", ("pos", "one"), "scale of the final norm before the unembedding"),
+        _site("logits", "unembed.hook_out", ("pos", "d_vocab"), "the logits"),
     ]
 }
+# TransformerLens 4.3 warns when a forward hook edits a norm's hook_scale (and falls back to
+# its exact path); AttnLRP does so on purpose and filters this message.
+NORM_SCALE_EDIT_WARNING = "A forward hook edited hook_scale"
+
+
+def sites_for(use: str) -> tuple[str, ...]:
+    """The sites that support ``use`` (a key of ``USES``), in ``SITES`` order.
+
+    >>> sites_for("dla")
+    ('attn_out', 'mlp_out', 'z')
+    """
+    if use not in USES:
+        raise ValueError(f"Unknown use {use!r}; known uses: {', '.join(USES)}.")
+    return tuple(n for n, s in SITES.items() if use in s.uses)
+
+
+def check_sites(
+    sites: Sequence[str] | str, use: str | Sequence[str], *, name: str = "site", hints: Mapping[str, str] | None = None
+) -> list[str]:
+    """Validate site names for a method: a non-empty str or list of distinct known sites,
+    each supporting ``use`` (a key of ``USES``, or an explicit list of allowed sites).
+    ``name`` is the argument named in errors; ``hints`` (else the site's note) extra advice."""
+    allowed = sites_for(use) if isinstance(use, str) else tuple(use)
+    if isinstance(sites, str):
+        sites = [sites]
+    elif isinstance(sites, Sequence):
+        sites = list(sites)
+    else:
+        raise TypeError(f"{name} must be a site name or a list of them, got {type(sites).__name__}: {sites!r}.")
+    if not sites:
+        raise ValueError(f"{name} is empty ({sites!r}); pass at least one site of {list(allowed)}.")
+    for s in sites:
+        if not isinstance(s, str):
+            raise TypeError(f"{name} must hold site names (str), got {s!r} ({type(s).__name__}) in {sites!r}.")
+        site = get_site(s)  # unknown name -> ValueError with a suggestion
+        if s not in allowed:
+            hint = (hints or {}).get(s) or (f" {site.note}" if site.note else "")
+            raise ValueError(
+                f"This method does not support site {s!r} ({name}={sites!r}); it supports sites {list(allowed)}.{hint}"
+            )
+    if len(set(sites)) != len(sites):
+        raise ValueError(f"{name} names a site twice: {sites!r}; pass each site once.")
+    return sites
 
 
 class HookNotFiredError(RuntimeError):
@@ -74,14 +164,18 @@ def _check_layer(model, layer: int) -> None:
         raise ValueError(f"Layer {layer!r} is out of range: this model has layers 0..{n - 1}.")
 
 
-def hook_name(site: str, layer: int, model=None) -> str:
-    """The TransformerLens hook name of ``site`` at ``layer`` (checked against ``model``).
+def hook_name(site: str, layer: int | None = None, model=None) -> str:
+    """The TransformerLens hook name of ``site`` at ``layer`` (checked against ``model``);
+    ``layer`` is None for sites that exist once per model (``embed``, ``logits``, ...).
 
-    >>> hook_name("attn_out", 3)
-    'blocks.3.hook_attn_out'
+    >>> hook_name("attn_out", 3), hook_name("final_scale")
+    ('blocks.3.hook_attn_out', 'ln_final.hook_scale')
     """
     s = get_site(site)
-    if model is not None:
+    if s.per_layer != (layer is not None):
+        need = "a layer" if s.per_layer else "no layer (it exists once per model)"
+        raise ValueError(f"Site {site!r} takes {need}; got layer={layer!r}.")
+    if model is not None and s.per_layer:
         _check_layer(model, layer)
         if site == "result" and not model.cfg.use_attn_result:
             raise ValueError(
@@ -89,6 +183,15 @@ def hook_name(site: str, layer: int, model=None) -> str:
                 "(or use site 'z', which needs no flag)."
             )
     return s.hook.format(layer=layer)
+
+
+def has_site(model, site: str, layer: int | None = None) -> bool:
+    """Whether ``model`` exposes ``site`` (e.g. Gemma's post-norm scales, GPT-2's pos_embed);
+    for per-layer sites, at ``layer`` (default 0)."""
+    s = get_site(site)
+    if site == "pos_embed" and getattr(model.cfg, "positional_embedding_type", "standard") != "standard":
+        return False  # rotary models list hook_pos_embed, but it never fires
+    return hook_name(site, (0 if layer is None else layer) if s.per_layer else None) in model.hook_dict
 
 
 def axis_sizes(model, n_pos: int) -> dict[str, int]:
@@ -102,6 +205,9 @@ def axis_sizes(model, n_pos: int) -> dict[str, int]:
         "kv_head": getattr(cfg, "n_key_value_heads", None) or cfg.n_heads,
         "d_model": cfg.d_model,
         "d_head": cfg.d_head,
+        "d_mlp": getattr(cfg, "d_mlp", None) or 4 * cfg.d_model,
+        "d_vocab": cfg.d_vocab,
+        "one": 1,
         "layer": cfg.n_layers,
     }
 

@@ -5,6 +5,7 @@ from mechsteer.sites import (
     SITES,
     HookNotFiredError,
     Location,
+    has_site,
     hook_name,
     hooked,
     live_hooks,
@@ -18,7 +19,10 @@ def test_every_site_has_the_documented_shape(tiny):
     n_pos = tokens.shape[1]
     tiny.set_use_attn_result(True)
     try:
-        names = {hook_name(s, 1, tiny): s for s in SITES}
+        names = {
+            hook_name(s, 1 if SITES[s].per_layer else None, tiny): s for s in SITES if has_site(tiny, s, 1)
+        }
+        assert {"resid_pre", "z", "result", "mlp_post", "ln1_scale", "embed", "final_scale", "logits"} <= set(names.values())
         _, cache = tiny.run_with_cache(tokens, names_filter=lambda n: n in names)
     finally:
         tiny.set_use_attn_result(False)
@@ -123,3 +127,16 @@ def test_patching_a_site_changes_the_output(tiny):
         again = tiny(tokens)
     assert not torch.allclose(clean, zeroed)
     torch.testing.assert_close(clean, again)
+
+
+def test_site_facts_are_data():
+    from mechsteer.sites import check_sites, sites_for
+
+    assert sites_for("patch") == ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z")
+    assert sites_for("dla") == ("attn_out", "mlp_out", "z")
+    with pytest.raises(ValueError, match="ln2.hook_in"):  # the site's own note explains why not
+        check_sites("resid_mid", "intervene", name="sites")
+    with pytest.raises(ValueError, match="takes a layer"):
+        hook_name("z")
+    with pytest.raises(ValueError, match="takes no layer"):
+        hook_name("embed", 0)

@@ -32,23 +32,17 @@ slower. With the default metric only the last position's logits are computed
 
 from __future__ import annotations
 
-import contextlib
 import math
-import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechsteer import kv_cache
+from mechsteer import runs
+from mechsteer.runs import CPU_BUDGET_BYTES, PrefixKV, batch_rows, skip_blocks_below, skipping_works  # noqa: F401
 from mechsteer.sites import hook_name, hooked
-
-# Memory one patched forward may use when batch_size is not given (CPU; on CUDA a quarter
-# of the free memory). On CPU, rows beyond a few hundred tokens' worth gain little.
-CPU_BUDGET_BYTES = 128 * 2**20
 
 
 @dataclass(frozen=True)
@@ -95,124 +89,7 @@ def make_grid(site: str, per_position: bool, n_pos: int, n_heads: int) -> Grid:
 
 def cache_run(model, tokens: Tensor, names: list[str], **forward_kwargs):
     """One forward of ``tokens`` storing the activations at ``names`` (and only those)."""
-    store: dict[str, Tensor] = {}
-
-    def saver(name: str):
-        def fn(x, hook):
-            store[name] = x.detach()  # close over the registered name, not hook.name
-
-        return fn
-
-    with hooked(model, [(n, saver(n)) for n in names]):
-        out = model(tokens, **forward_kwargs)
-    return out, store
-
-
-# ---- (3) start at the patched layer ---------------------------------------------------
-def _passthrough(fmt: tuple[str, int]) -> Callable:
-    def forward(*args, **kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        return hidden if fmt[0] == "tensor" else (hidden,) + (None,) * (fmt[1] - 1)
-
-    return forward
-
-
-@contextlib.contextmanager
-def skip_blocks_below(model, layer: int, fmt: tuple[str, int] | None) -> Iterator[None]:
-    """Blocks ``0..layer-1`` return their input unchanged inside the ``with`` (restored on
-    exit). Only for ``start_at_layer=layer`` runs, whose block ``layer`` discards that input.
-    ``fmt`` is the blocks' output structure (``skipping_works``); None skips nothing."""
-    if fmt is None or layer == 0:
-        yield
-        return
-    # Written to the instance __dict__ (shadowing the class's forward), never by setattr:
-    # bridge components forward setattr to the wrapped Hugging Face module.
-    blocks = list(model.blocks)[:layer]
-    saved = [b.__dict__.get("forward") for b in blocks]
-    try:
-        for b in blocks:
-            b.__dict__["forward"] = _passthrough(fmt)
-        yield
-    finally:
-        for b, old in zip(blocks, saved):
-            if old is None:
-                b.__dict__.pop("forward", None)
-            else:
-                b.__dict__["forward"] = old
-
-
-@torch.no_grad()
-def skipping_works(model, resid: Float[Tensor, "batch pos d_model"], layer: int) -> tuple[str, int] | None:
-    """The blocks' output structure if skipping the blocks below ``layer`` leaves
-    ``model(resid, start_at_layer=layer)`` unchanged, else None (with a warning)."""
-    seen: list = []
-    handle = model.blocks[0].register_forward_hook(lambda mod, args, out: seen.append(out))
-    try:  # a plain torch hook that reads the output's structure, never its values
-        reference = model(resid, start_at_layer=layer)
-    finally:
-        handle.remove()
-    out = seen[0] if seen else None
-    fmt = ("tensor", 1) if isinstance(out, Tensor) else ("tuple", len(out)) if isinstance(out, tuple) else None
-    if fmt is not None:
-        with skip_blocks_below(model, layer, fmt):
-            skipped = model(resid, start_at_layer=layer)
-        if skipped.shape == reference.shape and torch.allclose(skipped, reference, atol=1e-5, rtol=0):
-            return fmt
-    warnings.warn("activation_patching: skipping the blocks below the patched layer changed the logits "
-                  "on this model; every patched run executes all blocks (same numbers, slower).", stacklevel=3)
-    return None
-
-
-# ---- (4) start at the first changed position -----------------------------------------
-class PrefixKV:
-    """The patched run's own keys and values, served as a KV cache for a prefix of it
-    (built through ``mechsteer.kv_cache``, the one module that touches cache objects)."""
-
-    def __init__(self, prefix: kv_cache.PrefixCache) -> None:
-        self.prefix = prefix
-
-    @classmethod
-    def of(cls, past, n_prompts: int, n_pos: int) -> "PrefixKV | None":
-        """A ``PrefixKV`` of the run's returned cache, or None with one warning naming why not."""
-        prefix = kv_cache.PrefixCache.of(past, n_prompts, n_pos, who="activation_patching")
-        return None if prefix is None else cls(prefix)
-
-    def cache(self, prompts: Tensor, start: int, layer: int):
-        """A cache holding positions ``0..start-1`` of ``prompts`` (one row each); layers
-        below ``layer`` are skipped, so they get cheap placeholders of the right length."""
-        return self.prefix.cache(prompts, start, layer)
-
-    @torch.no_grad()
-    def works(self, model, resid: Tensor, logits: Tensor, fmt) -> bool:
-        """Resuming prompt 0 from the last block at mid-prompt gives its logits."""
-        layer, start = model.cfg.n_layers - 1, resid.shape[1] // 2
-        if start == 0:  # one-token prompts: no prefix to reuse
-            return True
-        prompts = torch.zeros(1, dtype=torch.long, device=resid.device)
-        with skip_blocks_below(model, layer, fmt), kv_cache.bridged(model):
-            out = model(resid[:1, start:], start_at_layer=layer, past_key_values=self.cache(prompts, start, layer))
-        if out.shape[1:] == logits[:1, start:].shape[1:] and torch.allclose(out, logits[:1, start:], atol=1e-4, rtol=0):
-            return True
-        warnings.warn("activation_patching: reusing the keys and values of unchanged positions changed the "
-                      "logits on this model; every patched run recomputes all positions (same numbers, slower).",
-                      stacklevel=3)
-        return False
-
-
-def batch_rows(model, n_pos: int, n_prompts: int, keep_logits: int, batch_size: int | None) -> int:
-    """Rows (patched prompts) per forward: ``batch_size`` or a memory estimate, rounded
-    down to whole cells (a multiple of ``n_prompts``, at least one cell)."""
-    if batch_size is None:
-        cfg = model.cfg
-        d_mlp = getattr(cfg, "d_mlp", None) or 4 * cfg.d_model
-        per_token = 8 * cfg.d_model + 3 * d_mlp + 3 * cfg.n_heads * n_pos  # live floats in one block
-        per_row = 4 * (n_pos * per_token + keep_logits * cfg.d_vocab)
-        device = torch.device(cfg.device)
-        budget = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else CPU_BUDGET_BYTES
-        batch_size = budget // per_row
-    elif batch_size < 1:
-        raise ValueError(f"batch_size must be a positive number of rows per forward, got {batch_size}.")
-    return max(1, batch_size // n_prompts) * n_prompts
+    return runs.cache_at(model, tokens, names, **forward_kwargs)
 
 
 # A forward's fixed cost (Python and kernel launches per block) is about that of this many
