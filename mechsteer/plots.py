@@ -210,3 +210,21 @@ def heatmap_grid(
     n_y = max((len(p.y_labels) for r in rows for p in r if p is not None), default=1)
     fig.update_layout(title=title, template="plotly_white", height=n_rows * max(300, 16 * n_y + 120) + 60)
     return fig
+
+
+def figures_page(title: str, figures: Sequence[go.Figure]) -> str:
+    """A standalone HTML page showing ``figures`` in order (plotly.js inlined once, so it
+    opens offline): what a run's ``.write(out)`` saves as ``figures.html``."""
+    import html
+
+    from plotly.offline import get_plotlyjs
+
+    divs = "".join(
+        f'<div class="fig">{f.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{i}")}</div>'
+        for i, f in enumerate(figures)
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<script type='text/javascript'>{get_plotlyjs()}</script></head>"
+        f"<body style='font-family:system-ui,sans-serif'><h1>{html.escape(title)}</h1>{divs}</body></html>"
+    )

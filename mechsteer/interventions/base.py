@@ -15,8 +15,8 @@ beta may be a float or a ``(batch,)`` tensor: one beta per prompt. A training st
 the prompts twice and runs beta = [+1]*B + [-1]*B as ONE batch (``plus_minus_batch``).
 
 Hooks return a new tensor (TransformerLens style) and run through ``mechsteer.sites.hooked``,
-so they are removed on every exit path and must all fire. ``resid_mid`` is refused: on the
-bridge its hook is ``ln2.hook_in``, where returning a new tensor does not patch the residual.
+so they are removed on every exit path and must all fire. ``resid_mid`` is refused (the
+site module's note on it says why).
 
 Generation. ``model.generate`` on the bridge calls the model once per new token: first on
 the whole prompt, then, with ``use_past_kv_cache=True`` (its default), on the one newest
@@ -59,9 +59,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechsteer._validate import finite_float, positive_int
-from mechsteer.sites import get_site, hook_name, hooked
+from mechsteer.sites import get_site, hook_name, hooked, sites_for
 
-ALLOWED_SITES = ("attn_out", "mlp_out", "resid_post", "z")
+ALLOWED_SITES = sites_for("intervene")  # the site module says where an intervention may edit
 DEFAULT_INIT_STD = 1e-5  # App. A.1: parameters start as Gaussian noise
 
 
@@ -95,16 +95,9 @@ def _check_sites(sites: Sequence[str]) -> tuple[str, ...]:
     if not sites:
         raise ValueError("sites is empty; give at least one of " + ", ".join(ALLOWED_SITES) + ".")
     for s in sites:
-        get_site(s)  # unknown names get the "did you mean" error
+        site = get_site(s)  # unknown names get the "did you mean" error
         if s not in ALLOWED_SITES:
-            why = (
-                (
-                    " On the bridge hook_resid_mid is ln2.hook_in, where a returned tensor does not "
-                    "patch the residual stream."
-                )
-                if s == "resid_mid"
-                else ""
-            )
+            why = f" {site.note}" if site.note else ""
             raise ValueError(f"Site {s!r} cannot be intervened on; choose from {ALLOWED_SITES}.{why}")
     if len(set(sites)) != len(sites):
         raise ValueError(f"sites has duplicates: {sites}.")
