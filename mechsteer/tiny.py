@@ -104,7 +104,7 @@ def tiny_model(kind: str = "llama", *, seed: int = 0, n_layers: int = 2, d_model
     >>> model.cfg.n_layers, model.cfg.n_heads
     (2, 4)
     """
-    from mechsteer.models import bridge_hf
+    from mechsteer.bridge import bridge_hf
 
     hf = tiny_hf_model(kind, seed=seed, n_layers=n_layers, d_model=d_model)
     return bridge_hf(f"tiny-{kind}", hf, tiny_tokenizer())
