@@ -49,7 +49,7 @@ def _log(msg: str) -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from mechsteer.models import describe
-    from mechsteer.sites import SITES, site_shape
+    from mechsteer.sites import site_table
 
     model = _load(args.model)
     info = describe(model)
@@ -60,8 +60,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     for k, v in info.items():
         print(f"{k:<{width}}  {v}")
     print("\nsites (shape per layer for a prompt of 8 tokens):")
-    for s in SITES.values():
-        print(f"  {s.name:<10} {s.hook:<32} {str(site_shape(model, s.name, 8)):<16} {s.doc}")
+    for row in site_table(model, 8):
+        print(f"  {row['site']:<15} {row['hook']:<37} {row['shape (pos=8)']:<14} {row['used by']:<33} {row['meaning']}")
     return 0
 
 

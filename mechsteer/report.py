@@ -26,7 +26,7 @@ import pandas as pd
 
 from mechsteer import _io
 from mechsteer.models import describe, fingerprint
-from mechsteer.sites import SITES, site_shape
+from mechsteer.sites import site_table
 
 
 @dataclass
@@ -112,19 +112,7 @@ def model_section(model) -> Section:
     """Model name, sizes, fingerprint and the sites mechsteer can hook on it."""
     info = describe(model)
     fp = fingerprint(model)
-    n_pos = 8
-    sites = pd.DataFrame(
-        [
-            {
-                "site": s.name,
-                "hook": s.hook.format(layer="{layer}"),
-                "shape per layer (pos=8)": str(site_shape(model, s.name, n_pos)),
-                "axes": ", ".join(s.axes),
-                "meaning": s.doc,
-            }
-            for s in SITES.values()
-        ]
-    )
+    sites = pd.DataFrame(site_table(model, 8))
     facts = pd.DataFrame({"value": {**info, "weights_sha256": fp["weights_sha256"][:16] + "..."}})
     return Section(
         key="model",
@@ -202,7 +190,7 @@ def fv_section(run) -> Section:
                          for t, d in run.tasks.items()])
     parts = [
         f"<p>{len(run.tasks)} tasks pass the filter; top-{cfg.k} heads per method, FV layer per method "
-        f"<code>{html.escape(str(run.fv_layer))}</code>, DFV re-injects each head's mean at its own hook_z.</p>",
+        f"<code>{html.escape(str(run.fv_layer))}</code>, DFV re-injects each head's mean at its own z site.</p>",
         table_html(used, index=False),
         cmp.figure,
         table_html(cmp.pairs.round(3), index=False),

@@ -218,6 +218,23 @@ def site_shape(model, site: str, n_pos: int) -> tuple[int, ...]:
     return tuple(sizes[a] for a in get_site(site).axes)
 
 
+def site_table(model, n_pos: int = 8) -> list[dict[str, str]]:
+    """One row per site ``model`` exposes: name, hook template, shape per layer for
+    prompts of ``n_pos`` tokens, axes, what mechsteer's methods may do there, meaning."""
+    return [
+        {
+            "site": s.name,
+            "hook": s.hook,
+            f"shape (pos={n_pos})": str(site_shape(model, s.name, n_pos)),
+            "axes": ", ".join(s.axes),
+            "used by": ", ".join(sorted(s.uses)) or "-",
+            "meaning": s.doc,
+        }
+        for s in SITES.values()
+        if has_site(model, s.name)
+    ]
+
+
 @dataclass(frozen=True)
 class Location:
     """One cell of a site: (site, layer, pos, head). ``None`` means all positions / heads."""
