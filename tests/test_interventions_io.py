@@ -10,7 +10,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from mechsteer.interventions.io import KINDS, load_intervention, read_metadata, save_intervention
+from mechsteer.interventions import load_intervention, save_intervention
+from mechsteer.interventions.io import read_metadata
+from mechsteer.interventions.kinds import KINDS
 from mechsteer.interventions.scalars import ActivScalar, DynScalar
 from mechsteer.interventions.train import TrainConfig
 from mechsteer.interventions.vectors import SteerVec
@@ -294,4 +296,4 @@ def test_refuses_to_clobber_and_unknown_kinds(tmp_path, tiny_gpt2):
 
     with pytest.raises(ValueError, match="Cannot save a MyScalar"):
         save_intervention(MyScalar(["mlp_out"], n_layers=2, d_model=64, n_pos=3), tmp_path / "mine")
-    assert set(KINDS) == {"ActivScalar", "SteerVec", "DynScalar"}
+    assert {c.__name__ for c in KINDS.values()} == {"ActivScalar", "SteerVec", "DynScalar"}

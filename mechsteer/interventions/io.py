@@ -18,7 +18,8 @@ delete a save, delete both the link and ``os.path.realpath(path)`` (or the paren
 
 Loading reads JSON and safetensors only (``safetensors.torch.load_file``; no
 ``torch.load``, no unpickling), so a saved intervention from elsewhere cannot run code.
-The class is looked up in ``KINDS``; the fields of ``meta.json`` are type-checked, and
+The class is looked up in the registry of kinds (``mechsteer.interventions.kinds``; the
+file stores the class name, e.g. ``ActivScalar``); the fields of ``meta.json`` are type-checked, and
 each tensor's dtype, shape and finiteness are checked against the JSON (and its shape
 against the rebuilt class): a float64, integer, NaN or misshapen tensor is refused with a
 ValueError naming the file and the tensor, never loaded silently. Given a model, loading
@@ -56,15 +57,13 @@ import mechsteer
 from mechsteer import _io
 from mechsteer._validate import finite_float, positive_int
 from mechsteer.interventions.base import Intervention
-from mechsteer.interventions.scalars import ActivScalar, DynScalar
-from mechsteer.interventions.vectors import SteerVec
+from mechsteer.interventions.kinds import KINDS, kind_name, kind_of_class
 from mechsteer.models import check_fingerprint, fingerprint
 
 FORMAT = "mechsteer.intervention"
 FORMAT_VERSION = 1
 PARAMS_FILE = "params.safetensors"
 META_FILE = "meta.json"
-KINDS: dict[str, type[Intervention]] = {c.__name__: c for c in (ActivScalar, SteerVec, DynScalar)}
 
 
 def _config_dict(config: Any) -> dict[str, Any] | None:
@@ -77,16 +76,33 @@ def _config_dict(config: Any) -> dict[str, Any] | None:
     raise TypeError(f"config must be a TrainConfig (or any dataclass), a dict or None; got {type(config).__name__}.")
 
 
+def model_record(model) -> dict[str, Any]:
+    """What a save stores about ``model``: ``{"model": fingerprint, "model_dtype": ...}``.
+
+    Compute it while the model is at hand (a run does) and pass it to ``save_intervention``
+    as ``model_record=`` to save later without the model.
+    """
+    return {"model": fingerprint(model), "model_dtype": str(model.cfg.dtype).removeprefix("torch.")}
+
+
 def intervention_metadata(
-    intervention: Intervention, model=None, *, config: Any = None, extra: dict[str, Any] | None = None
+    intervention: Intervention,
+    model=None,
+    *,
+    config: Any = None,
+    extra: dict[str, Any] | None = None,
+    model_record: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``meta.json`` dict of ``intervention`` (with ``model``'s fingerprint if given)."""
+    """The ``meta.json`` dict of ``intervention`` (with ``model``'s fingerprint if given, or
+    ``model_record``'s, from ``io.model_record(model)``)."""
     iv = intervention
     kind = type(iv).__name__
-    if KINDS.get(kind) is not type(iv):
-        raise ValueError(f"Cannot save a {kind}: only {sorted(KINDS)} can be loaded back (see io.KINDS).")
+    if kind_name(type(iv)) is None:
+        known = sorted(c.__name__ for c in KINDS.values())
+        raise ValueError(f"Cannot save a {kind}: only {known} can be loaded back (see interventions.kinds.KINDS).")
     if model is not None:
         iv.check_model(model)
+    record = _model_record(model, model_record)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -103,12 +119,22 @@ def intervention_metadata(
             for s, p in iv.params.items()
         },
         "train_config": _config_dict(config),
-        "model": None if model is None else fingerprint(model),
-        "model_dtype": None if model is None else str(model.cfg.dtype).removeprefix("torch."),
+        "model": record["model"],
+        "model_dtype": record["model_dtype"],
         "mechsteer_version": mechsteer.__version__,
         "torch_version": torch.__version__,
         "extra": extra,
     }
+
+
+def _model_record(model, given: dict[str, Any] | None) -> dict[str, Any]:
+    if model is not None:
+        return model_record(model)
+    if given is None:
+        return {"model": None, "model_dtype": None}
+    if not isinstance(given, dict) or set(given) != {"model", "model_dtype"}:
+        raise ValueError(f"model_record must be the dict io.model_record(model) returns, got {given!r}.")
+    return given
 
 
 def save_intervention(
@@ -118,18 +144,21 @@ def save_intervention(
     *,
     config: Any = None,
     extra: dict[str, Any] | None = None,
+    model_record: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``intervention`` to the directory ``path`` (``params.safetensors`` + ``meta.json``).
 
     With ``model``, its fingerprint is stored and checked on loading. ``config`` (e.g. the
     ``TrainConfig`` used) and ``extra`` (any JSON-serialisable dict) go into ``meta.json``.
+    Without ``model``, ``model_record`` (``io.model_record(model)``, taken earlier) gives
+    the fingerprint to store.
     An existing save at ``path`` is replaced atomically; any other existing file or
     non-empty directory there is refused.
     """
     path = Path(path)
     if path.exists() and not _is_save(path) and not (path.is_dir() and not any(path.iterdir())):
         raise ValueError(f"{path} exists and is not a saved intervention; choose a new path (it would be replaced).")
-    meta = intervention_metadata(intervention, model, config=config, extra=extra)
+    meta = intervention_metadata(intervention, model, config=config, extra=extra, model_record=model_record)
     try:
         text = json.dumps(meta, indent=2, default=_io._json_default, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -234,9 +263,10 @@ def load_intervention(path: str | os.PathLike, model=None, *, check: bool = True
     path = Path(path)
     src = Path(os.path.realpath(path))  # one version read whole, even if a new save swaps in meanwhile
     meta = _read_metadata(src, path)
-    cls = KINDS.get(meta["kind"])
+    cls = kind_of_class(meta["kind"])
     if cls is None:
-        raise ValueError(f"{path / META_FILE}: unknown kind {meta['kind']!r}; known kinds: {sorted(KINDS)}.")
+        known = sorted(c.__name__ for c in KINDS.values())
+        raise ValueError(f"{path / META_FILE}: unknown kind {meta['kind']!r}; known kinds: {known}.")
     params_path = path / PARAMS_FILE
     if not (src / PARAMS_FILE).is_file():
         raise FileNotFoundError(f"{params_path} is missing: the save at {path} is incomplete, write it again.")

@@ -55,12 +55,10 @@ from mechsteer._io import write_text
 from mechsteer._validate import finite_float, nonneg_int, positive_int
 from mechsteer.interventions.base import DEFAULT_INIT_STD
 from mechsteer.interventions.evaluate import evaluate_splits
-from mechsteer.interventions.scalars import ActivScalar, DynScalar
+from mechsteer.interventions.kinds import KINDS, kind_class
 from mechsteer.interventions.train import TrainConfig, train
-from mechsteer.interventions.vectors import SteerVec
 from mechsteer.models import fingerprint
 
-METHODS = {"activ_scalar": ActivScalar, "steer_vec": SteerVec, "dyn_scalar": DynScalar}
 GRID = (0, 1, 10, 100)  # Fig. 2: lambda_F, lambda_M, m in {0, 1, 10, 100}
 SPLITS = ("train", "test")
 MEASURES = ("effectiveness", "faithfulness", "minimality", "n_locations")
@@ -202,9 +200,9 @@ def pareto_grid(
     """
     methods = [methods] if isinstance(methods, str) else list(methods)
     sites = [sites] if isinstance(sites, str) else list(sites)
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in KINDS]
     if unknown or not methods:
-        raise ValueError(f"methods {list(methods)!r}: choose from {sorted(METHODS)}.")
+        raise ValueError(f"methods {list(methods)!r}: choose from {sorted(KINDS)}.")
     grids = [_grid_values(n, v) for n, v in (("lambda_f", lambda_f), ("lambda_m", lambda_m), ("margins", margins))]
     seeds, layers = _int_list("seeds", seeds), None if layers is None else _int_list("layers", layers)
     epochs, batch_size = positive_int("epochs", epochs), positive_int("batch_size", batch_size)
@@ -248,7 +246,7 @@ def pareto_grid(
 def _run_one(model, train_ds, test_ds, spec: dict, key: str, base_cfg: TrainConfig) -> dict:
     """Train one configuration and evaluate it on both splits (one JSON-ready row)."""
     start = time.perf_counter()
-    cls = METHODS[spec["method"]]
+    cls = kind_class(spec["method"])
     iv = cls.for_model(
         model, sites=spec["sites"], layers=spec["layers"], positions=spec["positions"],
         n_pos=train_ds.n_pos, init_std=spec["init_std"], seed=spec["seed"],
@@ -308,7 +306,7 @@ def pareto_front(df: pd.DataFrame, x: str, y: str, minimize: Sequence[str] | Non
 
 PANELS = (("faithfulness", "F"), ("minimality", "minimality (count |theta| > 0.01)"))
 COLOURS = {"activ_scalar": "#1f77b4", "steer_vec": "#d62728", "dyn_scalar": "#2ca02c"}
-NAMES = {m: cls.__name__ for m, cls in METHODS.items()}
+NAMES = {m: cls.__name__ for m, cls in KINDS.items()}
 HOVER = ("lambda_f", "lambda_m", "margin", "seed", "n_params")
 
 
