@@ -8,7 +8,8 @@ import importlib
 import pytest
 import torch
 
-from mechsteer.interventions import ActivScalar, DynScalar, SteerVec, effectiveness
+from mechsteer.interventions import ActivScalar, DynScalar, SteerVec
+from mechsteer.interventions.objective import effectiveness
 from mechsteer.interventions.evaluate import evaluate, evaluate_splits
 from mechsteer.interventions.train import HISTORY_COLUMNS, TrainConfig, train
 from mechsteer.sites import live_hooks

@@ -17,10 +17,8 @@ for beta = +1, its correct answers once for beta = -1).
 >>> from mechsteer.interventions import ActivScalar
 >>> from mechsteer.tasks import ccc
 >>> from mechsteer.tiny import tiny_model
->>> model = tiny_model("gpt2")
->>> ds = ccc(model, n=4)
->>> iv = ActivScalar.for_model(model, sites=["attn_out"], n_pos=ds.n_pos)
->>> r = evaluate(model, iv, ds)
+>>> model = tiny_model("gpt2"); ds = ccc(model, n=4)
+>>> r = evaluate(model, ActivScalar.for_model(model, sites=["attn_out"], n_pos=ds.n_pos), ds)
 >>> sorted(r), r["minimality"], r["n_params"] == 2 * ds.n_pos
 (['effectiveness', 'faithfulness', 'minimality', 'n_params'], 0, True)
 """
@@ -28,6 +26,8 @@ for beta = +1, its correct answers once for beta = -1).
 from __future__ import annotations
 
 import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 
 from mechsteer._validate import check_finite, finite_float, positive_int
 from mechsteer.interventions.base import Intervention
@@ -62,11 +62,32 @@ def active_locations(intervention: SteerVec, threshold: float = NEGLIGIBLE) -> i
 
 
 @torch.no_grad()
+def mean_e0_f(
+    model, intervention: Intervention, tokens: Int[Tensor, "batch pos"], correct: Int[Tensor, " batch"],
+    wrong: Int[Tensor, " batch"], clean: Float[Tensor, "batch vocab"] | None = None, *, batch_size: int = 32,
+    strength: float = 1.0,
+) -> tuple[float, float]:
+    """(E_0, F) averaged over all prompts, ``batch_size`` prompts per forward (each run at
+    beta = +strength and -strength in that forward: 2 x batch_size sequences). ``clean``:
+    the clean last-position logits if already computed (else one clean pass per batch)."""
+    n = tokens.shape[0]
+    e_sum = f_sum = 0.0
+    for i in range(0, n, batch_size):
+        sl = slice(i, i + batch_size)
+        f = clean_last_logits(model, tokens[sl]) if clean is None else clean[sl]
+        f_plus, f_minus = plus_minus_logits(model, intervention, tokens[sl], strength)  # one pass, beta = +-strength
+        e_sum += effectiveness(f_plus, f_minus, correct[sl], wrong[sl], margin=0.0).item() * len(f)
+        f_sum += faithfulness(f_plus, f_minus, f).item() * len(f)
+    return e_sum / n, f_sum / n
+
+
+@torch.no_grad()
 def evaluate(model, intervention: Intervention, ds, batch_size: int = 32) -> dict[str, float | int]:
     """E_0, F, minimality (count of |theta| > 0.01) and n_params of ``intervention`` on ``ds``.
 
     SteerVec results also hold ``n_locations``: locations with a non-negligible vector.
-    E_0 and F are means over all prompts of ``ds`` (batched; exact for any batch size).
+    E_0 and F are means over all prompts of ``ds``, ``batch_size`` prompts per forward
+    (each at beta = +1 and -1; exact for any batch size).
     """
     if not isinstance(intervention, Intervention):
         raise TypeError(f"intervention must be a mechsteer Intervention, got {type(intervention).__name__}.")
@@ -80,18 +101,11 @@ def evaluate(model, intervention: Intervention, ds, batch_size: int = 32) -> dic
     device = next(model.parameters()).device
     intervention.to(device)
     tokens, correct, wrong = (t.to(device) for t in (ds.tokens, ds.correct, ds.wrong))
-    e_sum = f_sum = 0.0
-    for i in range(0, n, batch_size):
-        sl = slice(i, i + batch_size)
-        b = tokens[sl].shape[0]
-        clean = clean_last_logits(model, tokens[sl])
-        f_plus, f_minus = plus_minus_logits(model, intervention, tokens[sl])  # one pass, beta = +1 / -1
-        e_sum += effectiveness(f_plus, f_minus, correct[sl], wrong[sl], margin=0.0).item() * b
-        f_sum += faithfulness(f_plus, f_minus, clean).item() * b
-    check_finite("evaluate: effectiveness E_0 and faithfulness F", torch.tensor([e_sum / n, f_sum / n]))
+    e0, f = mean_e0_f(model, intervention, tokens, correct, wrong, batch_size=batch_size)
+    check_finite("evaluate: effectiveness E_0 and faithfulness F", torch.tensor([e0, f]))
     out: dict[str, float | int] = {
-        "effectiveness": e_sum / n,
-        "faithfulness": f_sum / n,
+        "effectiveness": e0,
+        "faithfulness": f,
         "minimality": minimality_count(intervention),
         "n_params": intervention.n_params,
     }

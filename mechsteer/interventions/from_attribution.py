@@ -70,13 +70,12 @@ from tqdm.auto import tqdm
 
 from mechsteer._validate import check_finite, finite_float, nonneg_int, positive_int
 from mechsteer.attribution.result import AttributionResult
-from mechsteer.interventions.base import Intervention, plus_minus_batch
-from mechsteer.interventions.evaluate import evaluate_splits
-from mechsteer.interventions.objective import effectiveness, faithfulness
+from mechsteer.interventions.base import Intervention
+from mechsteer.interventions.evaluate import evaluate_splits, mean_e0_f
+from mechsteer.interventions.objective import effectiveness, faithfulness, plus_minus_logits
 from mechsteer.interventions.scalars import ActivScalar
 from mechsteer.interventions.train import batched_clean_logits, check_inputs
-
-SCALAR_SITES = ("attn_out", "mlp_out", "resid_post")  # d_model sites an ActivScalar takes from a site grid
+from mechsteer.sites import sites_for
 LAYOUTS = (("site", "layer", "pos"), ("layer", "pos"), ("layer", "head"), ("layer", "head", "pos"))
 TIE = 1e-6  # E_0 values this close count as tied (then F decides)
 
@@ -115,9 +114,10 @@ def _site_alphas(result: AttributionResult, site: str | None, sites: Sequence[st
         missing = [s for s in (sites or []) if s not in labels]
         if missing:
             raise ValueError(f"sites {missing} are not in this result; it has {labels}.")
-    bad = [s for s in grids if s not in SCALAR_SITES]
+    scalar_sites = sites_for("scalar")  # d_model sites an ActivScalar takes from a site grid
+    bad = [s for s in grids if s not in scalar_sites]
     if bad:
-        raise ValueError(f"Sites {bad} cannot become ActivScalar scalars (use {SCALAR_SITES}); "
+        raise ValueError(f"Sites {bad} cannot become ActivScalar scalars (use {scalar_sites}); "
                          f"pass sites=[...] to keep only those.")
     return grids
 
@@ -171,21 +171,11 @@ def scalars_from_result(
     return iv
 
 
-@torch.no_grad()
 def _measure(model, iv: Intervention, data: tuple, b: float, batch_size: int) -> tuple[float, float]:
     """(E_0, F) of ``iv`` with every alpha scaled by ``b`` (run at beta = +-b)."""
-    tokens, correct, wrong, clean = data
-    e = f = 0.0
-    for i in range(0, len(tokens), batch_size):
-        sl = slice(i, i + batch_size)
-        both, beta = plus_minus_batch(tokens[sl])
-        with iv.apply(model, beta * b):
-            logits = model(both, logits_to_keep=1)[:, -1]
-        plus, minus = logits.chunk(2)
-        e += effectiveness(plus, minus, correct[sl], wrong[sl], 0.0).item() * len(plus)
-        f += faithfulness(plus, minus, clean[sl]).item() * len(plus)
+    e, f = mean_e0_f(model, iv, *data, batch_size=batch_size, strength=b)
     check_finite(f"fit_beta: E_0 and F at beta = {b:g}", torch.tensor([e, f]))
-    return e / len(tokens), f / len(tokens)
+    return e, f
 
 
 def _refine(model, iv, data, b0: float, steps: int, lr: float, margin: float, lambda_f: float, batch_size: int) -> float:
@@ -195,11 +185,8 @@ def _refine(model, iv, data, b0: float, steps: int, lr: float, margin: float, la
     opt = torch.optim.Adam([u], lr=lr)
     for step in range(steps):
         sl = slice((step * batch_size) % len(tokens), (step * batch_size) % len(tokens) + batch_size)
-        both, beta = plus_minus_batch(tokens[sl])
         with torch.enable_grad():
-            b = b0 * u.exp()
-            with iv.apply(model, beta * b.to(tokens.device)):
-                plus, minus = model(both, logits_to_keep=1)[:, -1].chunk(2)
+            plus, minus = plus_minus_logits(model, iv, tokens[sl], (b0 * u.exp()).to(tokens.device))
             psi = effectiveness(plus, minus, correct[sl], wrong[sl], margin) + lambda_f * faithfulness(plus, minus, clean[sl])
             (g,) = torch.autograd.grad(-psi, [u])
         u.grad = g

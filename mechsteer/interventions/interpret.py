@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from mechsteer.interventions.base import Intervention
 from mechsteer.interventions.scalars import DynScalar
 from mechsteer.interventions.vectors import SteerVec
-from mechsteer.sites import hook_name, hooked
+from mechsteer.metrics import logit_diff
+from mechsteer.runs import cache_at
 from mechsteer.tasks.base import ContrastiveDataset
 
 DEFAULT_BETAS = torch.arange(-10, 11) / 5  # beta in [-2, 2] in steps of 0.2, with an exact 0
@@ -59,6 +60,7 @@ def beta_sweep(
 ) -> pd.DataFrame:
     """Mean (and sample std) of f_c - f_w over ``ds`` at each beta, the accuracy (share of
     prompts with f_c > f_w) and the mean logits f_c, f_w. beta = 0 is the clean model.
+    Every (prompt, beta) pair is one sequence; ``batch_size`` of them run per forward.
 
     >>> from mechsteer.tasks import ccc
     >>> from mechsteer.tiny import tiny_model
@@ -76,14 +78,14 @@ def beta_sweep(
     tokens = ds.tokens.to(device).repeat(k, 1)  # (k N, T): every prompt at every beta
     beta_all = betas.to(device).repeat_interleave(n)  # (k N,)
     correct, wrong = ds.correct.to(device).repeat(k), ds.wrong.to(device).repeat(k)
-    fc, fw = [], []
+    fc, fw, ld = [], [], []
     for i in tqdm(range(0, k * n, batch_size), desc="beta sweep", disable=not progress):
         sl = slice(i, i + batch_size)
-        logits = intervention(model, tokens[sl], beta_all[sl], last_only=True)[:, -1]  # (b, V)
-        fc.append(logits.gather(-1, correct[sl, None])[:, 0].float().cpu())
-        fw.append(logits.gather(-1, wrong[sl, None])[:, 0].float().cpu())
-    fc, fw = torch.cat(fc).view(k, n), torch.cat(fw).view(k, n)
-    ld = fc - fw  # (k, N)
+        logits = intervention(model, tokens[sl], beta_all[sl], last_only=True)[:, -1].float()  # (b, V)
+        fc.append(logits.gather(-1, correct[sl, None])[:, 0].cpu())
+        fw.append(logits.gather(-1, wrong[sl, None])[:, 0].cpu())
+        ld.append(logit_diff(logits, correct[sl], wrong[sl], reduce="none").cpu())
+    fc, fw, ld = (torch.cat(x).view(k, n) for x in (fc, fw, ld))  # (k, N) each
     return pd.DataFrame(
         {
             "beta": betas.tolist(),
@@ -114,20 +116,11 @@ def _order(iv: Intervention) -> list[tuple[str, int]]:
 
 
 def _clean_acts(model, iv: Intervention, tokens) -> dict[tuple[str, int], Tensor]:
-    """Clean activations at every (site, layer index) the intervention edits, recorded by
-    hooks that return nothing (the forward pass is unchanged)."""
-    acts: dict[tuple[str, int], Tensor] = {}
-
-    def record(key):
-        def fn(x: Tensor, hook) -> None:
-            acts[key] = x.detach()
-
-        return fn
-
-    hooks = [(hook_name(s, l, model), record((s, li))) for s in iv.sites for li, l in enumerate(iv.layers)]
-    with hooked(model, hooks):
-        model(tokens)
-    return acts
+    """Clean activations at every (site, layer index) the intervention edits (one unsteered
+    forward through the run layer)."""
+    keys = {(s, l): (s, li) for s in iv.sites for li, l in enumerate(iv.layers)}  # (site, layer) -> (site, index)
+    _, acts = cache_at(model, tokens, list(keys), logits_to_keep=1)  # the logits are not read
+    return {keys[k]: a for k, a in acts.items()}
 
 
 def _frame(site: str, layer: int, pos: list[int], labels: list[str], values: dict[str, np.ndarray]) -> pd.DataFrame:
@@ -142,11 +135,7 @@ def _frame(site: str, layer: int, pos: list[int], labels: list[str], values: dic
 
 @torch.no_grad()
 def steervec_geometry(
-    model,
-    intervention: SteerVec,
-    ds: ContrastiveDataset,
-    beta: float | int = 1.0,
-    batch_size: int = 32,
+    model, intervention: SteerVec, ds: ContrastiveDataset, beta: float | int = 1.0, batch_size: int = 32,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Fig. 4: per location (site, layer, pos[, head]) the mean over prompts of

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from mechsteer._validate import finite_float
 from mechsteer.interventions.base import Intervention, plus_minus_batch
+from mechsteer.metrics import kl_div, logit_diff
 
 
 def effectiveness(
@@ -44,15 +45,9 @@ def effectiveness(
     """E_m (Eq. 6): minus the mean hinge on the logit differences at beta = +1 and -1."""
     if finite_float("margin", margin) < 0:
         raise ValueError(f"margin m must be >= 0, got {margin}.")
-    pick = lambda f, ids: f.gather(-1, ids.view(-1, 1)).squeeze(-1)
-    plus = torch.relu(pick(logits_plus, wrong) - pick(logits_plus, correct) + margin)
-    minus = torch.relu(pick(logits_minus, correct) - pick(logits_minus, wrong) + margin)
+    plus = torch.relu(margin - logit_diff(logits_plus, correct, wrong, reduce="none"))  # f~+_w - f~+_c + m
+    minus = torch.relu(margin + logit_diff(logits_minus, correct, wrong, reduce="none"))  # f~-_c - f~-_w + m
     return -(plus + minus).mean()
-
-
-def _kl(logits_p: Tensor, log_q: Tensor) -> Tensor:
-    log_p = torch.log_softmax(logits_p, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)  # (N,)
 
 
 def faithfulness(
@@ -61,8 +56,8 @@ def faithfulness(
     clean_logits: Float[Tensor, "batch vocab"],
 ) -> Float[Tensor, ""]:
     """F (Eq. 7): minus the mean of KL(sigma(f~+) || sigma(f)) + KL(sigma(f~-) || sigma(f))."""
-    log_q = torch.log_softmax(clean_logits.detach(), dim=-1)
-    return -(_kl(logits_plus, log_q) + _kl(logits_minus, log_q)).mean()
+    clean = clean_logits.detach()
+    return -(kl_div(logits_plus, clean, reduce="none") + kl_div(logits_minus, clean, reduce="none")).mean()
 
 
 def minimality(theta: Intervention | Sequence[Tensor]) -> Float[Tensor, ""]:
@@ -111,10 +106,11 @@ def clean_last_logits(model, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, 
 
 
 def plus_minus_logits(
-    model, intervention: Intervention, tokens: Int[Tensor, "batch pos"]
+    model, intervention: Intervention, tokens: Int[Tensor, "batch pos"], strength: float | Tensor = 1.0
 ) -> tuple[Float[Tensor, "batch vocab"], Float[Tensor, "batch vocab"]]:
-    """(f~+, f~-) at the last position from ONE forward pass of the prompts stacked twice."""
+    """(f~+, f~-) at the last position from ONE forward pass of the prompts stacked twice,
+    at beta = +strength and -strength (a 0-d tensor ``strength`` carries its gradient)."""
     both, beta = plus_minus_batch(tokens)
-    logits = intervention(model, both, beta, last_only=True)[:, -1]  # (2B, V)
+    logits = intervention(model, both, beta * strength, last_only=True)[:, -1]  # (2B, V)
     b = tokens.shape[0]
     return logits[:b], logits[b:]

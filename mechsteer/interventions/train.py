@@ -60,7 +60,7 @@ class TrainConfig:
 
     epochs: int = 25  # App. A.1: 25 epochs of Adam
     lr: float | None = None  # None: 1e-3 for scalars, 1e-4 for SteerVec (App. A.1)
-    batch_size: int = 32  # prompts per step (each runs at beta = +1 and -1)
+    batch_size: int = 32  # prompts per forward (= per Adam step; each runs at beta = +1 and -1 in it)
     margin: float = 1.0  # m in Eq. 6; the paper gives no single default (grid {0,1,10,100})
     lambda_f: float = 1.0  # lambda_F in Eq. 9; no single default in the paper
     lambda_m: float = 0.0  # lambda_M in Eq. 9; no single default in the paper
@@ -146,17 +146,13 @@ def train(model, intervention: Intervention, ds, config: TrainConfig = TrainConf
                 idx = order[i : i + config.batch_size]
                 with torch.enable_grad():
                     f_plus, f_minus = plus_minus_logits(model, intervention, tokens[idx])
-                    terms = objective(
-                        f_plus,
-                        f_minus,
-                        clean[idx],
-                        correct[idx],
-                        wrong[idx],
-                        intervention,
-                        margin=config.margin,
-                        lambda_f=config.lambda_f,
-                        lambda_m=config.lambda_m,
-                    )
+                    try:  # the metrics refuse NaN logits; say where training got them
+                        terms = objective(
+                            f_plus, f_minus, clean[idx], correct[idx], wrong[idx], intervention,
+                            margin=config.margin, lambda_f=config.lambda_f, lambda_m=config.lambda_m,
+                        )
+                    except FloatingPointError as err:
+                        raise FloatingPointError(f"At epoch {epoch}, step {step}: {err} Lower lr.") from None
                     loss = -terms.psi
                     if not torch.isfinite(loss):
                         raise FloatingPointError(
