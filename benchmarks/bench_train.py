@@ -21,12 +21,11 @@ import time
 
 from _common import load, machine_info, parse_args, write_result
 
-from mechsteer.attribution._common import plain_forward_seconds
-from mechsteer.interventions import ActivScalar, DynScalar, SteerVec
-from mechsteer.interventions.train import TrainConfig, train
+from mechsteer.interventions import TrainConfig, train
+from mechsteer.interventions.kinds import KINDS
+from mechsteer.runs import plain_forward_seconds
 from mechsteer.tasks import ccc
 
-KINDS = {"activ_scalar": ActivScalar, "steer_vec": SteerVec, "dyn_scalar": DynScalar}
 SITES = ("attn_out", "mlp_out")
 
 

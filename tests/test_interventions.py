@@ -7,17 +7,14 @@ import math
 import pytest
 import torch
 
-from mechsteer.interventions import (
-    ActivScalar,
-    DynScalar,
-    SteerVec,
+from mechsteer.interventions import ActivScalar, DynScalar, SteerVec, steer
+from mechsteer.interventions.objective import (
     clean_last_logits,
     effectiveness,
     faithfulness,
     minimality,
     objective,
     plus_minus_logits,
-    steer,
 )
 from mechsteer.sites import live_hooks
 from mechsteer.tasks import ccc

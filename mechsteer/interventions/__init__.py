@@ -1,91 +1,67 @@
 """Learnable interventions (seed paper 003): ActivScalar, SteerVec, DynScalar, the
 three-term objective Psi = E_m + lambda_F F + lambda_M M_1, training with Adam and the
-Sec. 3.4 evaluation."""
+Sec. 3.4 evaluation.
 
-from mechsteer.interventions.base import (
-    ALLOWED_SITES,
-    Intervention,
-    plus_minus_batch,
-    steer,
-)
-from mechsteer.interventions.objective import (
-    ObjectiveTerms,
-    clean_last_logits,
-    effectiveness,
-    faithfulness,
-    minimality,
-    objective,
-    plus_minus_logits,
-)
+What users call is here; the pieces underneath stay in their modules (the objective's
+terms in ``objective``, the registry of kinds in ``kinds``, the Pareto rows' checks in
+``pareto``, ...).
+"""
+
+from mechsteer.interventions.base import Intervention, steer
 from mechsteer.interventions.scalars import ActivScalar, DynScalar
 from mechsteer.interventions.vectors import SteerVec
-from mechsteer.interventions.evaluate import (  # noqa: E402 (after objective, which it uses)
-    NEGLIGIBLE,
-    active_locations,
-    evaluate,
-    evaluate_splits,
-    minimality_count,
-)
-from mechsteer.interventions.train import HISTORY_COLUMNS, TrainConfig, train
-from mechsteer.interventions.io import KINDS, load_intervention, read_metadata, save_intervention
+from mechsteer.interventions.train import TrainConfig, train
+from mechsteer.interventions.evaluate import evaluate, evaluate_splits
+from mechsteer.interventions.io import load_intervention, read_metadata, save_intervention
 from mechsteer.interventions.generate import compare_generations, steered_generate
 from mechsteer.interventions.interpret import beta_sweep, dynscalar_alphas, flip_beta, steervec_geometry
 from mechsteer.interventions.plots import alpha_heatmap, beta_sweep_figure, dynscalar_figure, steervec_geometry_figure
 from mechsteer.interventions.pareto import pareto_figure, pareto_front, pareto_grid, read_results
+from mechsteer.interventions.pareto_run import ParetoRun, pareto_search
 from mechsteer.interventions.from_attribution import (
     attribution_scalars,
     compare_with_trained,
     fit_beta,
     scalars_from_result,
 )
-from mechsteer.interventions.transfer import runs_on_length, transfer_figure, transfer_matrix
+from mechsteer.interventions.transfer import transfer_figure, transfer_matrix
+from mechsteer.interventions.pipeline import SteerRun, steer_task
 
 __all__ = [
-    "attribution_scalars",
-    "compare_with_trained",
-    "fit_beta",
-    "pareto_figure",
-    "pareto_front",
-    "pareto_grid",
-    "read_results",
-    "scalars_from_result",
-    "alpha_heatmap",
-    "beta_sweep",
-    "beta_sweep_figure",
-    "dynscalar_alphas",
-    "dynscalar_figure",
-    "flip_beta",
-    "runs_on_length",
-    "steervec_geometry",
-    "steervec_geometry_figure",
-    "transfer_figure",
-    "transfer_matrix",
-    "KINDS",
-    "compare_generations",
-    "load_intervention",
-    "read_metadata",
-    "save_intervention",
-    "steered_generate",
-    "ALLOWED_SITES",
-    "HISTORY_COLUMNS",
-    "NEGLIGIBLE",
-    "TrainConfig",
-    "active_locations",
-    "evaluate",
-    "evaluate_splits",
-    "minimality_count",
-    "train",
     "ActivScalar",
     "DynScalar",
     "Intervention",
-    "ObjectiveTerms",
+    "ParetoRun",
+    "SteerRun",
     "SteerVec",
-    "clean_last_logits",
-    "effectiveness",
-    "faithfulness",
-    "minimality",
-    "objective",
-    "plus_minus_batch",
-    "plus_minus_logits",
+    "TrainConfig",
+    "alpha_heatmap",
+    "attribution_scalars",
+    "beta_sweep",
+    "beta_sweep_figure",
+    "compare_generations",
+    "compare_with_trained",
+    "dynscalar_alphas",
+    "dynscalar_figure",
+    "evaluate",
+    "evaluate_splits",
+    "fit_beta",
+    "flip_beta",
+    "load_intervention",
+    "pareto_figure",
+    "pareto_front",
+    "pareto_grid",
+    "pareto_search",
+    "read_metadata",
+    "read_results",
+    "save_intervention",
+    "scalars_from_result",
     "steer",
+    "steer_task",
+    "steered_generate",
+    "steervec_geometry",
+    "steervec_geometry_figure",
+    "train",
+    "transfer_figure",
+    "transfer_matrix",
 ]

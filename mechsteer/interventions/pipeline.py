@@ -1,19 +1,22 @@
 """One steering experiment end to end: task -> intervention -> training -> evaluation -> files.
 
 ``steer_task`` builds a contrastive task for the model, splits it into train and test,
-trains one intervention (ActivScalar, SteerVec or DynScalar) on the train split by
-maximising Psi (Eq. 9) and evaluates it on both splits (Sec. 3.4). The returned
-``SteerRun`` holds everything; ``SteerRun.write(out)`` saves the intervention
-(safetensors + JSON), the training history, the figures and ``summary.json``. The
-``mechsteer steer`` command and the demo report call this.
+trains one intervention (ActivScalar, SteerVec or DynScalar, by its name in
+``interventions.kinds.KINDS``) on the train split by maximising Psi (Eq. 9), evaluates it
+on both splits (Sec. 3.4) and computes what its figures draw: the beta sweep on the test
+prompts (and ``flip_beta``), SteerVec's geometry, DynScalar's alphas on two test prompts.
+The returned ``SteerRun`` holds all of it as data; ``SteerRun.write(out)`` saves the
+intervention (safetensors + JSON), the training history, ``figures.html`` and
+``summary.json`` without running the model again. The ``mechsteer steer`` command and the
+demo report call this.
 
 >>> from mechsteer.tiny import tiny_model
 >>> from mechsteer.interventions.train import TrainConfig
 >>> run = steer_task(tiny_model("gpt2"), "ccc", "activ_scalar", ["attn_out"], n=8,
 ...                  config=TrainConfig(epochs=1, progress=False))
 >>> s = run.summary()
->>> sorted(s["train"]), s["n_params"] == run.intervention.n_params
-(['effectiveness', 'faithfulness', 'minimality'], True)
+>>> sorted(s["train"]), s["n_params"] == run.intervention.n_params, list(run.figures())
+(['effectiveness', 'faithfulness', 'minimality'], True, ['alphas', 'beta_sweep'])
 """
 
 from __future__ import annotations
@@ -27,24 +30,19 @@ from typing import Any
 
 import pandas as pd
 
+from mechsteer import _io
 from mechsteer.interventions.base import Intervention
 from mechsteer.interventions.evaluate import evaluate_splits
+from mechsteer.interventions.interpret import beta_sweep, dynscalar_alphas, flip_beta, steervec_geometry
+from mechsteer.interventions.io import model_record, save_intervention
+from mechsteer.interventions.kinds import KINDS, kind_class
+from mechsteer.interventions.plots import alpha_heatmap, beta_sweep_figure, dynscalar_figure, steervec_geometry_figure
 from mechsteer.interventions.scalars import ActivScalar, DynScalar
 from mechsteer.interventions.train import TrainConfig, train
 from mechsteer.interventions.vectors import SteerVec
+from mechsteer.plots import figures_page
 
-METHODS: dict[str, type[Intervention]] = {
-    "activ_scalar": ActivScalar,
-    "steer_vec": SteerVec,
-    "dyn_scalar": DynScalar,
-}
-
-
-def method_class(method: str) -> type[Intervention]:
-    """The intervention class called ``method`` (activ_scalar, steer_vec, dyn_scalar)."""
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-    return METHODS[method]
+METHODS = KINDS  # the one registry, under the name the CLI and demo import (prefer kinds.KINDS)
 
 
 @dataclass
@@ -60,6 +58,15 @@ class SteerRun:
     train_ds: Any
     test_ds: Any
     seconds: float
+    beta_sweep: pd.DataFrame  # interpret.beta_sweep on the test prompts (default betas)
+    geometry: pd.DataFrame | None = None  # SteerVec: interpret.steervec_geometry on the test prompts
+    alphas: list[pd.DataFrame] | None = None  # DynScalar: interpret.dynscalar_alphas on two test prompts
+    model_record: dict[str, Any] | None = None  # io.model_record(model): the save's fingerprint
+
+    @property
+    def flip_beta(self) -> float:
+        """The beta where the test prompts' mean logit difference crosses zero (NaN if never)."""
+        return flip_beta(self.beta_sweep)
 
     def summary(self) -> dict[str, Any]:
         """``n_params``, ``train`` / ``test`` with effectiveness (E_0), faithfulness (F),
@@ -81,35 +88,29 @@ class SteerRun:
             "seconds": self.seconds,
         }
 
-    def figures(self, model) -> dict[str, Any]:
-        """Interpretation figures: alphas (ActivScalar), geometry (SteerVec), alphas per
-        prompt (DynScalar), and the logit difference as a function of beta (all)."""
-        from mechsteer.interventions import plots
-
+    def figures(self, model=None) -> dict[str, Any]:
+        """Interpretation figures, drawn from the stored data (``model`` is ignored): alphas
+        (ActivScalar, DynScalar), geometry (SteerVec) and the logit difference vs beta (all)."""
         figs: dict[str, Any] = {}
-        iv, ds = self.intervention, self.test_ds
-        if isinstance(iv, ActivScalar):
-            figs["alphas"] = plots.alpha_heatmap(iv, ds)
-        elif isinstance(iv, SteerVec):
-            figs["geometry"] = plots.steervec_geometry_figure(plots.steervec_geometry(model, iv, ds, progress=False))
-        elif isinstance(iv, DynScalar):
-            prompts = list(ds.prompts[:2])
-            figs["alphas"] = plots.dynscalar_figure(plots.dynscalar_alphas(model, iv, prompts, progress=False))
-        figs["beta_sweep"] = plots.beta_sweep_figure(plots.beta_sweep(model, iv, ds, progress=False))
+        if isinstance(self.intervention, ActivScalar):
+            figs["alphas"] = alpha_heatmap(self.intervention, self.test_ds)
+        elif self.geometry is not None:
+            figs["geometry"] = steervec_geometry_figure(self.geometry)
+        elif self.alphas is not None:
+            figs["alphas"] = dynscalar_figure(self.alphas)
+        figs["beta_sweep"] = beta_sweep_figure(self.beta_sweep)
         return figs
 
-    def write(self, out: str | Path, model) -> Path:
-        """Write ``out/intervention/``, ``history.csv``, ``figures.html`` and ``summary.json``."""
-        from mechsteer import _io
-        from mechsteer.interventions.io import save_intervention
-        from mechsteer.report import Report, Section
-
+    def write(self, out: str | Path, model=None) -> Path:
+        """Write ``out/intervention/``, ``history.csv``, ``figures.html`` and ``summary.json``;
+        return the path of ``summary.json``. ``model`` is optional: the run holds the model's
+        fingerprint for the save (a given model is checked against the intervention)."""
         out = Path(out)
-        save_intervention(self.intervention, out / "intervention", model, config=self.config)
+        save_intervention(self.intervention, out / "intervention", model, config=self.config,
+                          model_record=None if model is not None else self.model_record)
         _io.write_text(out / "history.csv", self.history.to_csv(index=False))
-        report = Report(f"mechsteer steer: {self.method} on {self.task}")
-        report.add(Section("steer", f"{self.method} on {self.task}", figures=list(self.figures(model).values())))
-        _io.write_text(out / "figures.html", report.to_html())
+        title = f"mechsteer steer: {self.method} on {self.task}"
+        _io.write_text(out / "figures.html", figures_page(title, list(self.figures().values())))
         return _io.write_json(out / "summary.json", self.summary())
 
 
@@ -130,7 +131,7 @@ def steer_task(
     """Build ``task``, train ``method`` at ``sites`` on its train split, evaluate on both."""
     from mechsteer.tasks import make_task
 
-    cls = method_class(method)
+    cls = kind_class(method)
     ds = make_task(task, model, n=n, seed=seed, **(task_kwargs or {}))
     if len(ds) < 2:
         raise ValueError(f"Task {task!r} gave {len(ds)} prompts for this model; need at least 2 to split.")
@@ -139,4 +140,11 @@ def steer_task(
     t0 = time.perf_counter()
     history = train(model, iv, train_ds, config)
     metrics = evaluate_splits(model, iv, train_ds, test_ds, batch_size=config.batch_size)
-    return SteerRun(task, method, iv, config, history, metrics, train_ds, test_ds, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    figure_data: dict[str, Any] = {"beta_sweep": beta_sweep(model, iv, test_ds, progress=False)}
+    if isinstance(iv, SteerVec):
+        figure_data["geometry"] = steervec_geometry(model, iv, test_ds, progress=False)
+    elif isinstance(iv, DynScalar):
+        figure_data["alphas"] = dynscalar_alphas(model, iv, list(test_ds.prompts[:2]), progress=False)
+    return SteerRun(task, method, iv, config, history, metrics, train_ds, test_ds, seconds,
+                    model_record=model_record(model), **figure_data)
