@@ -208,7 +208,7 @@ def fit_beta(
     lr: float = 0.05,  # Adam step on log|beta|
     margin: float = 1.0,  # m of E_m while refining
     lambda_f: float = 1.0,  # lambda_F while refining
-    batch_size: int = 32,
+    batch_size: int = 32,  # prompts per forward (each at beta = +1 and -1 in it)
     progress: bool = True,
 ) -> tuple[Intervention, pd.DataFrame]:
     """Fit the strength beta* maximising E_0 on ``ds`` (ties: F); return the scaled copy.

@@ -55,7 +55,7 @@ def beta_sweep(
     intervention: Intervention,
     ds: ContrastiveDataset,
     betas: Float[Tensor, " n_beta"] | Sequence[float | int] = DEFAULT_BETAS,
-    batch_size: int = 32,
+    batch_size: int = 32,  # sequences per forward: one (prompt, beta) pair each
     progress: bool = True,
 ) -> pd.DataFrame:
     """Mean (and sample std) of f_c - f_w over ``ds`` at each beta, the accuracy (share of

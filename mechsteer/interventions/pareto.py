@@ -185,7 +185,7 @@ def pareto_grid(
     seeds: Sequence[int] = (0,),  # seeds the init and the mini-batch order
     epochs: int = 25,  # App. A.1
     lr: float | None = None,  # None: App. A.1's default per method
-    batch_size: int = 32,
+    batch_size: int = 32,  # prompts per forward (each at beta = +1 and -1 in it)
     init_std: float = DEFAULT_INIT_STD,
     on_result: Callable[[dict], None] | None = None,  # called with each newly written row
     progress: bool = True,

@@ -71,7 +71,7 @@ def transfer_matrix(
     config: TrainConfig = TrainConfig(),
     *,
     test_fraction: float = 0.25,
-    batch_size: int = 32,
+    batch_size: int = 32,  # prompts per forward (each at beta = +1 and -1 in it)
     baseline: bool = True,
     return_interventions: bool = False,
     progress: bool = True,
