@@ -169,15 +169,15 @@ def attribution_methods() -> Sequence[str]:
 
 
 def steer_methods() -> Sequence[str]:
-    from mechsteer.interventions.pipeline import METHODS
+    from mechsteer.interventions.kinds import KINDS
 
-    return list(METHODS)
+    return list(KINDS)
 
 
 def steer_sites() -> Sequence[str]:
-    from mechsteer.interventions.base import ALLOWED_SITES
+    from mechsteer.sites import sites_for
 
-    return ALLOWED_SITES
+    return sites_for("intervene")
 
 
 def fv_tasks() -> Sequence[str]:

@@ -142,7 +142,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
     _log(f"training {args.method} on {args.task} at {','.join(args.sites)}")
     run = steer_task(model, args.task, args.method, args.sites, n=args.n, positions=args.positions,
                      config=config, seed=args.seed)
-    path = run.write(args.out, model)
+    path = run.write(args.out)
     s = run.summary()
     for split in ("train", "test"):
         m = s[split]
@@ -153,28 +153,14 @@ def cmd_steer(args: argparse.Namespace) -> int:
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
-    from mechsteer import _io
-    from mechsteer.interventions.pareto import pareto_figure, pareto_front, pareto_grid
-    from mechsteer.report import Report, Section, table_html
-    from mechsteer.tasks import make_task
+    from mechsteer.interventions.pareto_run import pareto_search
 
     model = _load(args.model)
-    train_ds, test_ds = make_task(args.task, model, n=args.n, seed=args.seed).split()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    df = pareto_grid(model, train_ds, test_ds, out / "grid.jsonl", methods=args.methods, sites=args.sites,
-                     lambda_f=args.lambda_f, lambda_m=args.lambda_m, margins=args.margins,
-                     epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seeds=(args.seed,))
-    fig = pareto_figure(df, title=f"Pareto fronts: {args.task} on {model.cfg.model_name}")
-    fronts = {f"{split}_{y}": pareto_front(df, f"{split}_effectiveness", f"{split}_{y}")["key"].tolist()
-              for split in ("train", "test") for y in ("faithfulness", "minimality")}
-    report = Report(f"mechsteer pareto: {args.task}")
-    report.add(Section("pareto", "Pareto search", figures=[fig], html=table_html(df.drop(columns=["key"]).round(4), index=False)))
-    _io.write_text(out / "pareto.html", report.to_html())
-    _io.write_text(out / "grid.csv", df.to_csv(index=False))
-    _io.write_json(out / "summary.json", {"task": args.task, "model": model.cfg.model_name, "n_configs": len(df),
-                                          "fronts": fronts, "rows": df.to_dict(orient="records")})
-    _log(f"{len(df)} configurations; wrote {out}/ (grid.jsonl, grid.csv, pareto.html, summary.json)")
+    run = pareto_search(model, args.task, args.out, n=args.n, seed=args.seed, methods=args.methods, sites=args.sites,
+                        lambda_f=args.lambda_f, lambda_m=args.lambda_m, margins=args.margins,
+                        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
+    run.write(args.out)
+    _log(f"{len(run.grid)} configurations; wrote {args.out}/ (grid.jsonl, grid.csv, pareto.html, summary.json)")
     return 0
 
 

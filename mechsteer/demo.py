@@ -83,19 +83,20 @@ def run_demo(model, config: DemoConfig = DemoConfig(), log: Callable[[str], None
                   for ds in datasets]
         report.add(attribution_section(suites))
     if cfg.steer_n > 0:
-        from mechsteer.interventions.pipeline import METHODS, steer_task
+        from mechsteer.interventions.kinds import KINDS
+        from mechsteer.interventions.pipeline import steer_task
         from mechsteer.interventions.train import TrainConfig
         from mechsteer.report import steering_section
 
         runs = []
-        for method in METHODS:
+        for method in KINDS:
             step(f"steering section: training {method} ({cfg.steer_epochs} epochs)")
             # App. A.1's lr (1e-3 scalars, 1e-4 vectors) is for single-prompt training; with
             # batches of 8 prompts the demo uses 10x that to move in few steps.
             lr = 1e-3 if method == "steer_vec" else 1e-2
             tc = TrainConfig(epochs=cfg.steer_epochs, batch_size=8, lr=lr, progress=False)
             runs.append(steer_task(model, "ccc", method, n=cfg.steer_n, config=tc, seed=cfg.seed))
-        report.add(steering_section(model, runs))
+        report.add(steering_section(runs))
     if cfg.fv_tasks:
         from mechsteer.fv.pipeline import FVConfig, run_fv
         from mechsteer.report import fv_section

@@ -209,17 +209,17 @@ def fv_section(run) -> Section:
                    summary={k: summary[k] for k in ("tasks", "accuracy", "samples_per_minute", "top_heads", "fv_layer")})
 
 
-def steering_section(model, runs: list) -> Section:
+def steering_section(runs: list) -> Section:
     """Activation scaling (seed paper 003) on one task: ActivScalar vs SteerVec vs DynScalar
     (E_0, F, minimality, parameters; train and test), the ActivScalar alphas per layer and
     position, and the logit difference as a function of beta (where the answer flips)."""
-    from mechsteer.interventions.plots import alpha_heatmap, beta_sweep, beta_sweep_figure, flip_beta
+    from mechsteer.interventions.plots import alpha_heatmap, beta_sweep_figure
 
     rows, parts, summary, sweeps = [], [], {}, {}
     for run in runs:
         s = run.summary()
-        sweep = beta_sweep(model, run.intervention, run.test_ds, progress=False)
-        s["flip_beta"] = flip_beta(sweep)
+        sweep = run.beta_sweep  # computed by steer_task: the report only draws
+        s["flip_beta"] = run.flip_beta
         summary[run.method] = {k: s[k] for k in ("n_params", "train", "test", "flip_beta", "seconds")}
         rows.append({"method": run.method, "n_params": s["n_params"],
                      **{f"{split} {k}": s[split][k] for split in ("train", "test")
