@@ -133,12 +133,56 @@ def normalize(x: Tensor, clean: Tensor | float, corrupted: Tensor | float) -> Te
 
 # ---- metrics of a dataset: what attribution methods explain -------------------------------
 # A dataset metric is ``metric(logits, ds) -> scalar tensor`` (ds: a ContrastiveDataset with
-# ``correct`` and ``wrong`` answer ids); every method's ``metric=`` takes one, or a name.
+# ``correct`` and ``wrong`` answer ids); every method's ``metric=`` takes one, or a name of
+# ``DATASET_METRICS`` (``resolve_metric``).
 
 
 def default_metric(logits: Tensor, ds) -> Tensor:
     """Mean logit difference f_c - f_w at the last position."""
     return logit_diff(logits, ds.correct.to(logits.device), ds.wrong.to(logits.device))
+
+
+def correct_logit(logits: Tensor, ds) -> Tensor:
+    """Mean logit f_c of the correct answer at the last position."""
+    f = last_logits(logits)
+    c = _ids(ds.correct.to(f.device), f.shape[0], f.device, "correct", f.shape[1])
+    return check_finite("logit", f[torch.arange(f.shape[0], device=f.device), c].mean())
+
+
+def correct_prob(logits: Tensor, ds) -> Tensor:
+    """Mean probability softmax(f)_c of the correct answer at the last position."""
+    return answer_prob(logits, ds.correct.to(logits.device))
+
+
+# name -> dataset metric; "logit_diff" is every method's default
+DATASET_METRICS = {"logit_diff": default_metric, "logit": correct_logit, "answer_prob": correct_prob}
+
+
+def resolve_metric(metric, *, name: str = "metric") -> tuple:
+    """``(callable or None, name)`` for a method's ``metric=`` argument: None and
+    ``"logit_diff"`` give ``(None, "logit_diff")`` (the default, which methods compute per
+    prompt on their fast paths); another name of ``DATASET_METRICS`` gives its function; a
+    callable ``metric(logits, ds) -> scalar tensor`` is returned with its ``__name__``.
+
+    >>> resolve_metric(None), resolve_metric("logit")[1], resolve_metric(lambda lg, ds: lg.sum())[1]
+    ((None, 'logit_diff'), 'logit', 'custom')
+    """
+    if metric is None:
+        return None, "logit_diff"
+    if isinstance(metric, str):
+        if metric not in DATASET_METRICS:
+            raise ValueError(
+                f"Unknown {name} {metric!r}; known metric names: {list(DATASET_METRICS)}, "
+                "or pass a callable metric(logits, ds) -> scalar tensor."
+            )
+        return (None if metric == "logit_diff" else DATASET_METRICS[metric]), metric
+    if callable(metric):
+        label = getattr(metric, "__name__", "custom")
+        return metric, "custom" if label == "<lambda>" else label
+    raise TypeError(
+        f"{name} must be a metric name ({', '.join(DATASET_METRICS)}) or a callable metric(logits, ds) -> "
+        f"scalar tensor, got {type(metric).__name__}: {metric!r}."
+    )
 
 
 def per_prompt_metric(logits: Tensor, ds) -> Tensor:

@@ -13,7 +13,7 @@ from transformer_lens.tools.analysis.attribution_patching import attribution_pat
 
 from mechsteer.attribution.atp import attribution_patching, attribution_patching_all
 from mechsteer.attribution.compare import spearman
-from mechsteer.metrics import logit_diff
+from mechsteer.metrics import DATASET_METRICS, logit_diff
 from mechsteer.sites import hook_name, hooked, live_hooks
 from mechsteer.tasks import ioi
 from mechsteer.tiny import tiny_model
@@ -164,7 +164,7 @@ def test_all_sites_equal_single_site_calls_and_shapes(tiny, ds_of):
             torch.testing.assert_close(out[site].scores, single.scores, atol=1e-6, rtol=1e-5)
         expected = (L, H, P) if site == "z" else (L, P)
         assert tuple(out[site].scores.shape) == expected
-        assert out[site].labels["pos"] == ds.labels and out[site].method == "AtP"
+        assert out[site].labels["pos"] == ds.labels and out[site].method == "atp"
         assert out[site].per_prompt is None
     # a head's total over positions is patching it everywhere: same as summing z cells
     assert out["z"].sum("pos").axes == ("layer", "head")
@@ -187,6 +187,12 @@ def test_per_prompt_and_custom_metric(tiny_gpt2, ds_of):
     # normalised scores do not depend on the metric's scale
     torch.testing.assert_close(custom.scores, r.scores, atol=1e-5, rtol=1e-4)
     assert custom.metric == "summed"
+    # a metric name is its function of DATASET_METRICS
+    named = attribution_patching(tiny_gpt2, ds, site="attn_out", metric="logit")
+    by_fn = attribution_patching(tiny_gpt2, ds, site="attn_out", metric=DATASET_METRICS["logit"])
+    assert named.metric == "logit" and named.method == "atp" and named.meta["direction"] == "noising"
+    torch.testing.assert_close(named.scores, by_fn.scores)
+    assert attribution_patching(tiny_gpt2, ds, site="attn_out", metric="logit_diff").metric == "logit_diff"
 
 
 def test_bad_input_is_a_clear_error(tiny_gpt2, ds_of):
@@ -199,6 +205,8 @@ def test_bad_input_is_a_clear_error(tiny_gpt2, ds_of):
         attribution_patching(tiny_gpt2, ds, direction="sideways")
     with pytest.raises(ValueError, match="scalar"):
         attribution_patching(tiny_gpt2, ds, metric=lambda lg, d: lg[:, -1, 0])
+    with pytest.raises(ValueError, match="Unknown metric 'prob'"):
+        attribution_patching(tiny_gpt2, ds, metric="prob")
     with pytest.raises(ValueError, match="per_prompt"):
         attribution_patching(tiny_gpt2, ds, metric=lambda lg, d: lg.mean(), per_prompt=True)
     with pytest.raises(ValueError, match="at least one site"):

@@ -145,6 +145,10 @@ def test_bad_input_is_a_clear_error(tiny_gpt2, monkeypatch):
         direct_logit_attribution(tiny_gpt2, ds, site="resid_pre")
     with pytest.raises(ValueError, match="metric must be one of"):
         direct_logit_attribution(tiny_gpt2, ds, metric="prob")
+    with pytest.raises(ValueError, match="linear"):
+        direct_logit_attribution(tiny_gpt2, ds, metric="answer_prob")  # a registered name, not linear
+    with pytest.raises(TypeError, match="linear in them"):
+        direct_logit_attribution(tiny_gpt2, ds, metric=lambda logits, ds: logits[:, -1, 0].mean())
     with pytest.raises(TypeError, match="ContrastiveDataset"):
         dla_terms(tiny_gpt2, ds.tokens)
     monkeypatch.setattr(tiny_gpt2.cfg, "output_logits_soft_cap", 30.0)

@@ -330,7 +330,8 @@ def test_bad_input_is_a_clear_value_error(tiny_llama, data):
         (dict(query_pos=ds.n_pos), "query_pos"),
         (dict(key_pos=[ds.n_pos]), "key_pos"),
         (dict(key_pos=[[0]] * (len(ds) + 1)), "one per prompt"),
-        (dict(target="prob"), "target"),
+        (dict(metric="prob"), "metric must be one of"),
+        (dict(metric="logit", target="logit_diff"), "metric= only"),
         (dict(answer=ds.correct), "brings its own answers"),
         (dict(batch_size=0), "batch_size"),
     ]
@@ -340,7 +341,7 @@ def test_bad_input_is_a_clear_value_error(tiny_llama, data):
     with pytest.raises(ValueError, match="needs answer="):
         attnlrp(tiny_llama, tokens, progress=False)
     with pytest.raises(ValueError, match="and wrong="):
-        attnlrp(tiny_llama, tokens, target="logit_diff", answer=ds.correct, progress=False)
+        attnlrp(tiny_llama, tokens, metric="logit_diff", answer=ds.correct, progress=False)
     with pytest.raises(ValueError, match="token ids"):
         attnlrp(tiny_llama, tokens, answer=10**6, progress=False)
     assert live_hooks(tiny_llama) == []
@@ -350,7 +351,7 @@ def test_tokens_and_batches(tiny_llama, data):
     ds = data[id(tiny_llama)]
     whole = attnlrp(tiny_llama, ds, per_prompt=True, progress=False)
     batched = attnlrp(tiny_llama, ds, per_prompt=True, batch_size=4, progress=False)
-    raw = attnlrp(tiny_llama, ds.tokens, target="logit_diff", answer=ds.correct, wrong=ds.wrong,
+    raw = attnlrp(tiny_llama, ds.tokens, metric="logit_diff", answer=ds.correct, wrong=ds.wrong,
                   readout="sites", per_prompt=True, progress=False)
     for k in whole:
         torch.testing.assert_close(batched[k].per_prompt, whole[k].per_prompt, atol=1e-6, rtol=1e-5)
@@ -358,6 +359,10 @@ def test_tokens_and_batches(tiny_llama, data):
     logit = attnlrp(tiny_llama, ds.tokens, answer=ds.correct, readout="input", progress=False)
     assert logit.metric == "logit" and logit.per_prompt is None and logit.axes == ("pos",)
     assert whole["sites"].labels["site"] == list(SITES) and whole["sites"].method == "attnlrp"
+    with pytest.warns(DeprecationWarning, match="metric="):  # target= is the old name of metric=
+        old = attnlrp(tiny_llama, ds.tokens, target="logit", answer=ds.correct, readout="input", progress=False)
+    assert old.metric == "logit"
+    torch.testing.assert_close(old.scores, logit.scores)
 
 
 # ---- smollm2 ---------------------------------------------------------------------------

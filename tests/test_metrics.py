@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 from jaxtyping import TypeCheckError
@@ -46,6 +48,30 @@ def test_rank_and_accuracy(logits):
     assert metrics.answer_rank(logits, torch.tensor([1, 2])).tolist() == [0, 2]
     assert metrics.accuracy(logits, torch.tensor([1, 2])).item() == 0.5
     assert metrics.accuracy(logits, torch.tensor([1, 2]), k=3).item() == 1.0
+
+
+def test_resolve_metric_names_and_callables():
+    assert metrics.resolve_metric(None) == metrics.resolve_metric("logit_diff") == (None, "logit_diff")
+    fn, name = metrics.resolve_metric("answer_prob")
+    assert name == "answer_prob" and fn is metrics.DATASET_METRICS["answer_prob"]
+
+    def mine(logits, ds):
+        return logits.sum()
+
+    assert metrics.resolve_metric(mine) == (mine, "mine")
+    with pytest.raises(ValueError, match="known metric names"):
+        metrics.resolve_metric("prob")
+    with pytest.raises(TypeError, match="callable"):
+        metrics.resolve_metric(3)
+
+
+def test_dataset_metrics_read_the_last_position():
+    logits = torch.tensor([[[0.0, 0.0, 0.0], [0.0, 2.0, 1.0]], [[0.0, 0.0, 0.0], [3.0, 0.0, 1.0]]])
+    ds = SimpleNamespace(correct=torch.tensor([1, 0]), wrong=torch.tensor([2, 2]))
+    assert metrics.DATASET_METRICS["logit_diff"](logits, ds).item() == 1.5
+    assert metrics.DATASET_METRICS["logit"](logits, ds).item() == 2.5
+    p = metrics.DATASET_METRICS["answer_prob"](logits, ds)
+    assert p.item() == pytest.approx(metrics.answer_prob(logits, ds.correct).item())
 
 
 def test_normalize():

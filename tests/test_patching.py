@@ -8,10 +8,9 @@ import pytest
 import torch
 import transformer_lens.patching as tlp
 
-from mechsteer.attribution import _patch_engine as engine
-from mechsteer.attribution._common import default_metric
-from mechsteer.attribution.patching import activation_patching
-from mechsteer.metrics import answer_prob
+from mechsteer import runs
+from mechsteer.attribution import activation_patching
+from mechsteer.metrics import DATASET_METRICS, answer_prob, default_metric
 from mechsteer.sites import live_hooks
 from mechsteer.tasks import ioi
 
@@ -82,7 +81,8 @@ def test_custom_metric_equals_transformer_lens(tiny_llama, ds_of):
     def prob_correct(logits, ds):
         return answer_prob(logits, ds.correct)
 
-    result = activation_patching(tiny_llama, ds, site="z", per_position=False, metric=prob_correct, progress=False)
+    result = activation_patching(tiny_llama, ds, site="z", per_position=False, metric=prob_correct,
+                                 direction="denoising", progress=False)
     ref = _tl_raw(tiny_llama, ds, "denoising", tlp.get_act_patch_attn_head_out_all_pos, prob_correct)
     torch.testing.assert_close(_raw(result), ref.cpu(), atol=1e-5, rtol=0)
     assert result.metric == "prob_correct"
@@ -95,16 +95,31 @@ def test_custom_metric_reading_every_position_equals_transformer_lens(tiny_gpt2,
     def mean_logprob_bos(logits, ds):
         return logits.log_softmax(-1)[:, :, 0].mean()
 
-    result = activation_patching(tiny_gpt2, ds, site="attn_out", metric=mean_logprob_bos, progress=False)
+    result = activation_patching(tiny_gpt2, ds, site="attn_out", metric=mean_logprob_bos, direction="denoising",
+                                 progress=False)
     ref = _tl_raw(tiny_gpt2, ds, "denoising", tlp.get_act_patch_attn_out, mean_logprob_bos)
     torch.testing.assert_close(_raw(result), ref.cpu(), atol=1e-4, rtol=0)
+
+
+def test_default_direction_is_noising_and_metric_names(tiny_gpt2, ds_of):
+    ds = ds_of(tiny_gpt2)
+    default = activation_patching(tiny_gpt2, ds, site="mlp_out", progress=False)
+    noising = activation_patching(tiny_gpt2, ds, site="mlp_out", direction="noising", metric="logit_diff", progress=False)
+    assert default.meta["direction"] == "noising" and default.metric == noising.metric == "logit_diff"
+    torch.testing.assert_close(default.scores, noising.scores)
+    named = activation_patching(tiny_gpt2, ds, site="mlp_out", metric="logit", progress=False)
+    by_fn = activation_patching(tiny_gpt2, ds, site="mlp_out", metric=DATASET_METRICS["logit"], progress=False)
+    assert named.metric == "logit"
+    torch.testing.assert_close(named.scores, by_fn.scores)
+    with pytest.raises(ValueError, match="Unknown metric"):
+        activation_patching(tiny_gpt2, ds, metric="prob")
 
 
 def test_axes_labels_and_site_stacking(tiny_gpt2, ds_of):
     ds = ds_of(tiny_gpt2)
     both = activation_patching(tiny_gpt2, ds, site=["attn_out", "mlp_out"], progress=False)
     assert both.axes == ("site", "layer", "pos") and both.labels["site"] == ["attn_out", "mlp_out"]
-    assert both.labels["pos"] == ds.labels and both.method == "activation_patching" and both.metric == "logit_diff"
+    assert both.labels["pos"] == ds.labels and both.method == "patching" and both.metric == "logit_diff"
     mlp = activation_patching(tiny_gpt2, ds, site="mlp_out", progress=False)
     torch.testing.assert_close(both.select(site="mlp_out").scores, mlp.scores)
     heads = activation_patching(tiny_gpt2, ds, site="z", per_position=True, progress=False)
@@ -174,10 +189,10 @@ def test_start_at_layer_with_skipped_blocks_is_exact(tiny, ds_of):
     ds = ds_of(tiny)
     with torch.no_grad():
         logits, cache = tiny.run_with_cache(ds.tokens, names_filter=lambda n: n.endswith("hook_resid_pre"))
-        fmt = engine.skipping_works(tiny, cache["blocks.1.hook_resid_pre"][:1], 1)
+        fmt = runs.skipping_works(tiny, cache["blocks.1.hook_resid_pre"][:1], 1)
         assert fmt is not None
         for layer in range(tiny.cfg.n_layers):
-            with engine.skip_blocks_below(tiny, layer, fmt):
+            with runs.skip_blocks_below(tiny, layer, fmt):
                 out = tiny(cache[f"blocks.{layer}.hook_resid_pre"], start_at_layer=layer)
             torch.testing.assert_close(out, logits, atol=1e-5, rtol=0)
         torch.testing.assert_close(tiny(ds.tokens), logits)  # blocks restored
@@ -224,7 +239,7 @@ def test_no_hooks_or_skipped_blocks_left_after_an_error_in_the_metric(tiny_llama
 @pytest.mark.integration
 def test_smollm2_heads_equal_transformer_lens(smollm2):
     ds = ioi(smollm2, n=2)
-    r = activation_patching(smollm2, ds, site="z", per_position=False, progress=False)
+    r = activation_patching(smollm2, ds, site="z", per_position=False, direction="denoising", progress=False)
     assert r.meta["skipped_lower_blocks"] and r.meta["reused_prefix"]
     assert r.meta["clean_metric"] > r.meta["corrupted_metric"]
     layers = [0, 14, 29]

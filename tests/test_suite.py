@@ -33,6 +33,24 @@ def test_costs_and_agreement(suite):
     assert set(suite.frame()["method"]) == {r.method for r in suite.results["heads"].values()}
 
 
+def test_methods_are_named_as_passed_and_write_saves_everything(suite, tmp_path):
+    for grid in GRIDS:
+        assert {m: r.method for m, r in suite.results[grid].items()} == {m: m for m in METHODS}
+    out = suite.write(tmp_path / "att")
+    assert out == tmp_path / "att"
+    names = ["agreement.csv", "costs.csv", "figures.html", "scores.csv", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "ioi" and summary["model"] == suite.model_name and set(summary["methods"]) == set(METHODS)
+    assert "plotly" in (out / "figures.html").read_text()
+
+
+def test_one_method_writes_its_heatmaps_and_no_agreement(tiny_llama, tmp_path):
+    one = run_suite(tiny_llama, ioi(tiny_llama, n=2, template=1), ["dla"], progress=False)
+    assert len(one.figures()) == len(GRIDS) and not one.comparisons
+    assert sorted(p.name for p in one.write(tmp_path).iterdir()) == ["costs.csv", "figures.html", "scores.csv", "summary.json"]
+
+
 def test_unknown_method_is_a_clear_error(tiny_llama):
     with pytest.raises(ValueError, match="Unknown methods"):
         run_suite(tiny_llama, ioi(tiny_llama, n=2), ["gradcam"])

@@ -1,6 +1,40 @@
-"""Attribution: which locations of a model carry a behaviour. Every method returns an
-``AttributionResult`` (scores over layer x position, layer x head, ...)."""
+"""Attribution: which locations of a model carry a behaviour.
 
+Four methods, each explaining a ``metric`` of the logits (a name of
+``mechsteer.metrics.DATASET_METRICS``, default ``"logit_diff"``, or a callable
+``metric(logits, ds) -> scalar``) on a ``ContrastiveDataset``, each returning an
+``AttributionResult`` (scores over layer x position, layer x head, ...):
+
+- ``activation_patching``: patch each location between clean and corrupted runs;
+- ``attribution_patching`` / ``attribution_patching_all`` (AtP): its first-order estimate;
+- ``direct_logit_attribution`` / ``direct_logit_attribution_all`` (DLA): direct terms;
+- ``attnlrp``: layer-wise relevance propagation.
+
+``compare`` draws results side by side and measures their agreement; ``run_suite`` runs
+several methods on shared grids (``Suite``, with ``.write(out)``). Patching, AtP and the
+suite default to ``direction="noising"``; ``result.method`` is the name ``run_suite``
+takes (``"patching"``, ``"atp"``, ``"dla"``, ``"attnlrp"``).
+"""
+
+from mechsteer.attribution.atp import attribution_patching, attribution_patching_all
+from mechsteer.attribution.compare import compare
+from mechsteer.attribution.dla import direct_logit_attribution, direct_logit_attribution_all, dla_terms
+from mechsteer.attribution.lrp import attnlrp
+from mechsteer.attribution.patching import activation_patching
 from mechsteer.attribution.result import AttributionResult, stack_sites
+from mechsteer.attribution.suite import Suite, run_suite
 
-__all__ = ["AttributionResult", "stack_sites"]
+__all__ = [
+    "AttributionResult",
+    "Suite",
+    "activation_patching",
+    "attnlrp",
+    "attribution_patching",
+    "attribution_patching_all",
+    "compare",
+    "direct_logit_attribution",
+    "direct_logit_attribution_all",
+    "dla_terms",
+    "run_suite",
+    "stack_sites",
+]

@@ -1,28 +1,21 @@
-"""Shared plumbing for attribution methods: input checks, the metric, timing.
+"""What every attribution method checks first: the dataset it explains.
 
 Every method takes a ``ContrastiveDataset`` (clean prompts, corrupted prompts, correct and
-wrong answer ids) and explains a metric of the last-position logits, by default the logit
-difference f_c - f_w averaged over prompts. A custom metric is a callable
-``metric(logits, dataset) -> scalar tensor``; ``check_metric_output`` rejects anything else.
+wrong answer ids) and explains a metric of the logits (``mechsteer.metrics``: a name of
+``DATASET_METRICS``, by default the logit difference f_c - f_w averaged over prompts, or a
+callable ``metric(logits, dataset) -> scalar tensor``).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Union
 
 from torch import Tensor
 
-from mechsteer import sites
-from mechsteer.metrics import (  # noqa: F401 (re-exported for the methods of this package)
-    check_metric_output,
-    check_metric_values,
-    default_metric,
-    per_prompt_metric,
-)
-from mechsteer.runs import plain_forward_seconds, timer  # noqa: F401
+from mechsteer.runs import timer  # noqa: F401 (fv imports it from here until it imports mechsteer.runs)
 from mechsteer.tasks.base import ContrastiveDataset
 
-Metric = Callable[[Tensor, ContrastiveDataset], Tensor]
+Metric = Union[str, Callable[[Tensor, ContrastiveDataset], Tensor]]
 
 
 def check_dataset(
@@ -42,6 +35,3 @@ def check_dataset(
         raise ValueError(f"Clean and corrupted datasets differ in size: {len(ds)} vs {len(corrupted)}.")
     if model is not None:
         ds.validate_for(model)
-
-
-check_sites = sites.check_sites  # the site module holds which method may use which site

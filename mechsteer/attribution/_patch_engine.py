@@ -9,7 +9,7 @@ model by position costs thousands of full forwards. This engine gives the same n
 
 1. **Cache only what is needed**: the source run's activations at the patched site, and
    the residual entering every block, the site's values and the KV cache of the run being
-   patched (``cache_run`` through ``hooked``; nothing else is stored).
+   patched (``runs.cache_at``; nothing else is stored).
 2. **Batch the patched runs**: for one layer, the rows of a forward are (cell, prompt)
    pairs: row ``r`` is prompt ``r % B`` with cell ``r // B`` patched, by index arithmetic
    in one hook. Rows are chunked to a memory budget (``batch_rows``).
@@ -24,9 +24,11 @@ model by position costs thousands of full forwards. This engine gives the same n
    (e.g. a position before the clean and corrupted prompts first differ) is not run: its
    value is the unpatched run's.
 
-``skipping_works`` and ``PrefixKV.works`` (through ``mechsteer.kv_cache``) check on one prompt that (3) and (4) leave the
-logits unchanged on this model; if not, the engine falls back (warning), same numbers,
-slower. With the default metric only the last position's logits are computed
+``runs.skipping_works`` and ``runs.PrefixKV.works`` (through ``mechsteer.kv_cache``) check
+on one prompt that (3) and (4) leave the logits unchanged on this model; if not, the
+engine falls back (warning), same numbers, slower. The run layer (``mechsteer.runs``)
+holds caching, block skipping, prefix reuse and batching; this module holds what is
+patching's own: the grid of cells, the plan of runs and the sweep. With the default metric only the last position's logits are computed
 (``logits_to_keep=1``).
 """
 
@@ -40,8 +42,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechsteer import runs
-from mechsteer.runs import CPU_BUDGET_BYTES, PrefixKV, batch_rows, skip_blocks_below, skipping_works  # noqa: F401
+from mechsteer.runs import PrefixKV, skip_blocks_below
+from mechsteer.runs import CPU_BUDGET_BYTES, skipping_works  # noqa: F401 (fv's AIE, until it imports mechsteer.runs)
 from mechsteer.sites import hook_name, hooked
 
 
@@ -85,11 +87,6 @@ def make_grid(site: str, per_position: bool, n_pos: int, n_heads: int) -> Grid:
     if per_position:
         return Grid(torch.arange(n_pos), None, (n_pos,))
     return Grid(None, None, ())
-
-
-def cache_run(model, tokens: Tensor, names: list[str], **forward_kwargs):
-    """One forward of ``tokens`` storing the activations at ``names`` (and only those)."""
-    return runs.cache_at(model, tokens, names, **forward_kwargs)
 
 
 # A forward's fixed cost (Python and kernel launches per block) is about that of this many

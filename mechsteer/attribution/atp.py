@@ -35,7 +35,12 @@ confirm the top locations with real activation patching.
 Cost: every requested site comes from the same two passes (one forward+backward on the
 run being patched, one forward on the other), so asking for four sites costs about the
 same as asking for one. The gradient is taken with respect to a zero tensor added at each
-hook (``x + delta``), so no model parameter needs ``requires_grad``.
+hook (``x + delta``, ``mechsteer.runs.grad_at``), so no model parameter needs
+``requires_grad``.
+
+``metric`` is a name of ``mechsteer.metrics.DATASET_METRICS`` (default ``"logit_diff"``)
+or a callable ``metric(logits, ds) -> scalar``. Every prompt of ``ds`` runs in one
+forward (there is no ``batch_size``: the two passes hold the whole dataset).
 """
 
 from __future__ import annotations
@@ -46,70 +51,37 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechsteer import runs
 from mechsteer._validate import check_finite
-from mechsteer.attribution._common import (
-    Metric,
-    check_dataset,
-    check_metric_output,
-    check_metric_values,
-    check_sites,
-    per_prompt_metric,
-    timer,
-)
+from mechsteer.attribution._common import Metric, check_dataset
 from mechsteer.attribution.result import AttributionResult
-from mechsteer.sites import hook_name, hooked
+from mechsteer.metrics import check_metric_output, check_metric_values, per_prompt_metric, resolve_metric
+from mechsteer.sites import check_sites, sites_for
 from mechsteer.tasks.base import ContrastiveDataset
 
-ATP_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z")
+ATP_SITES = sites_for("patch")
 DIRECTIONS = ("noising", "denoising")
 
 
-def _metric_values(logits: Tensor, ds: ContrastiveDataset, metric: Metric | None) -> tuple[Tensor, Tensor]:
-    """(value to differentiate, per-prompt values or the scalar): the default metric is
-    differentiated as a sum over prompts so each prompt keeps its own gradient."""
+def _metric_values(logits: Tensor, ds: ContrastiveDataset, metric) -> Tensor:
+    """Per-prompt values ``(B,)`` of the default metric (differentiated as their sum, so
+    each prompt keeps its own gradient), or the custom metric's scalar."""
     if metric is None:
-        per = per_prompt_metric(logits, ds)  # (B,)
-        return per.sum(), per
-    value = check_metric_output(metric(logits, ds), name="custom metric")
-    return value, value
+        return per_prompt_metric(logits, ds)  # (B,)
+    return check_metric_output(metric(logits, ds), name="custom metric")
 
 
-def _grad_pass(model, tokens: Tensor, names: list[str], ds, metric) -> tuple[dict, dict, Tensor]:
-    """Forward+backward on ``tokens``: activations and d(metric)/d(activation) at ``names``."""
-    acts: dict[str, Tensor] = {}
-    deltas: dict[str, Tensor] = {}
-
-    def add_delta(name: str):
-        def fn(x: Tensor, hook) -> Tensor:
-            acts[name] = x.detach()
-            deltas[name] = torch.zeros_like(x, requires_grad=True)
-            return x + deltas[name]  # same value; d(metric)/d(delta) = d(metric)/d(x)
-
-        return fn
-
-    with torch.enable_grad():
-        with hooked(model, [(n, add_delta(n)) for n in names]):
-            logits = model(tokens)
-        target, values = _metric_values(logits, ds, metric)
-        grads = torch.autograd.grad(target, [deltas[n] for n in names], allow_unused=True)
-    grad = {n: torch.zeros_like(acts[n]) if g is None else g for n, g in zip(names, grads)}
-    return acts, grad, values.detach()
+def _grad_pass(model, tokens: Tensor, keys: list, ds, metric) -> tuple[dict, dict, Tensor]:
+    """Forward+backward on ``tokens``: activations and d(metric)/d(activation) at ``keys``."""
+    values, acts, grads = runs.grad_at(model, tokens, keys, lambda logits: _metric_values(logits, ds, metric))
+    return acts, grads, values
 
 
 @torch.no_grad()
-def _cache_pass(model, tokens: Tensor, names: list[str], ds, metric) -> tuple[dict, Tensor]:
-    """Plain forward on ``tokens``, storing the activations at ``names`` only."""
-    acts: dict[str, Tensor] = {}
-
-    def store(name: str):
-        def fn(x: Tensor, hook) -> None:
-            acts[name] = x.detach()
-
-        return fn
-
-    with hooked(model, [(n, store(n)) for n in names]):
-        logits = model(tokens)
-    return acts, _metric_values(logits, ds, metric)[1]
+def _cache_pass(model, tokens: Tensor, keys: list, ds, metric) -> tuple[dict, Tensor]:
+    """Plain forward on ``tokens``, storing the activations at ``keys`` only."""
+    logits, acts = runs.cache_at(model, tokens, keys)
+    return acts, _metric_values(logits, ds, metric)
 
 
 def _gap(clean: Tensor, corrupted: Tensor, what: str) -> Tensor:
@@ -128,14 +100,15 @@ def attribution_patching_all(
     *,
     sites: Sequence[str] | str = ("resid_pre", "attn_out", "mlp_out", "z"),
     direction: str = "noising",  # "noising" | "denoising" (str, so a typo gets our ValueError)
-    metric: Metric | None = None,
+    metric: Metric | None = "logit_diff",
     per_prompt: bool = False,
 ) -> dict[str, AttributionResult]:
     """AtP scores of every site in ``sites`` from one forward+backward and one forward.
 
     score(l, p) ~= -grad_clean m . (a_corr - a_clean) / (m_clean - m_corr) (noising) or
     grad_corr m . (a_clean - a_corr) / (m_clean - m_corr) (denoising); see the module
-    docstring. ``metric(logits, ds) -> scalar`` replaces the mean logit difference;
+    docstring. ``metric``: a name of ``mechsteer.metrics.DATASET_METRICS`` or a callable
+    ``metric(logits, ds) -> scalar`` in place of the mean logit difference;
     ``per_prompt=True`` (default metric only) also keeps each prompt's score, normalised
     by that prompt's own clean-minus-corrupted logit difference (``scores`` normalises the
     mean metric: it is the mean of ``per_prompt`` weighted by each prompt's gap, not the
@@ -153,18 +126,17 @@ def attribution_patching_all(
     sites = check_sites(sites, ATP_SITES, name="sites")
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be 'noising' or 'denoising', got {direction!r}.")
-    if metric is not None and not callable(metric):
-        raise TypeError(f"metric must be a callable metric(logits, ds) -> scalar or None, got {type(metric).__name__}.")
+    metric, metric_name = resolve_metric(metric)
     if per_prompt and metric is not None:
         raise ValueError("per_prompt=True needs the default metric (per-prompt logit difference); drop metric=.")
     device = model.cfg.device
     ds = ds.to(device)
     layers = range(model.cfg.n_layers)
-    names = {s: [hook_name(s, layer, model) for layer in layers] for s in sites}
+    names = {s: [(s, layer) for layer in layers] for s in sites}
     flat = [n for s in sites for n in names[s]]
     base, other = (ds.tokens, ds.corrupted_tokens) if direction == "noising" else (ds.corrupted_tokens, ds.tokens)
 
-    with timer() as t:
+    with runs.timer() as t:
         acts, grads, m_base = _grad_pass(model, base, flat, ds, metric)
         acts_other, m_other = _cache_pass(model, other, flat, ds, metric)
         m_clean, m_corr = (m_base, m_other) if direction == "noising" else (m_other, m_base)
@@ -185,7 +157,6 @@ def attribution_patching_all(
                 gap = _gap(m_clean, m_corr, "logit differences of some prompts")
                 pp = sign * raw / gap.reshape(-1, *[1] * (raw.ndim - 1))
             out[s] = (check_finite(f"attribution_patching: scores at site {s!r}", scores), pp)
-    metric_name = "logit_diff" if metric is None else getattr(metric, "__name__", "custom")
     meta = {
         "direction": direction,
         "clean_metric": float(m_clean.mean()),
@@ -196,7 +167,7 @@ def attribution_patching_all(
         s: AttributionResult(
             scores=scores,
             axes=("layer", "head", "pos") if s == "z" else ("layer", "pos"),
-            method="AtP",
+            method="atp",
             metric=metric_name,
             labels={"pos": ds.labels},
             seconds=t["seconds"],
@@ -221,7 +192,7 @@ def attribution_patching(
     *,
     site: str = "attn_out",
     direction: str = "noising",
-    metric: Metric | None = None,
+    metric: Metric | None = "logit_diff",
     per_prompt: bool = False,
 ) -> AttributionResult:
     """AtP scores of one site; see ``attribution_patching_all`` and the module docstring.

@@ -46,6 +46,9 @@ its head terms do not add up to its attention terms. Models that soft-cap their 
 are refused.
 
 ``metric="logit"`` explains the correct answer's logit f_c alone (direction W_U[:, c]).
+Only metrics linear in the logits decompose this way: other names of
+``mechsteer.metrics.DATASET_METRICS`` (``"answer_prob"``) and callables are refused. All
+prompts of the dataset run in one forward pass (there is no ``batch_size``).
 """
 
 from __future__ import annotations
@@ -56,16 +59,18 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechsteer import runs
 from mechsteer._validate import check_finite
-from mechsteer.attribution._common import check_dataset, check_sites, timer
+from mechsteer.attribution._common import Metric, check_dataset
 from mechsteer.attribution.result import AttributionResult
 from mechsteer.metrics import logit_diff
-from mechsteer.sites import hooked
+from mechsteer.sites import check_sites, has_site, sites_for
 from mechsteer.tasks.base import ContrastiveDataset
 
-DLA_SITES = ("z", "attn_out", "mlp_out")
-DLA_METRICS = ("logit_diff", "logit")
-POST_NORM_HOOK = "blocks.{layer}.ln1_post.hook_scale"  # Gemma-2/3 style post-attention norm
+DLA_SITES = sites_for("dla")
+DEFAULT_SITES = ("z", "attn_out", "mlp_out")
+DLA_METRICS = ("logit_diff", "logit")  # the metrics linear in the last-position logits
+POST_NORM = "ln1_post_scale"  # Gemma-2/3 style post-attention norm
 SITE_HINTS = {s: " (use 'attn_out' or 'mlp_out' for layer x position)" for s in ("resid_pre", "resid_post")}
 
 
@@ -87,17 +92,25 @@ class DLARun:
     v: Tensor | None = None  # (B, L, K, H, e) values, repeated to query heads on GQA models
 
 
-def _check(model, ds: ContrastiveDataset, metric: str) -> None:
+def _check(model, ds: ContrastiveDataset, metric: Metric) -> None:
     check_dataset(ds, model=model)
+    if not isinstance(metric, str):
+        raise TypeError(
+            f"DLA splits the logits into linear terms, so it explains only metrics linear in them: metric must "
+            f"be one of {list(DLA_METRICS)}, got {metric!r}. For other metrics use activation_patching or "
+            "attribution_patching."
+        )
     if metric not in DLA_METRICS:
-        raise ValueError(f"metric must be one of {list(DLA_METRICS)} for DLA, got {metric!r}.")
+        raise ValueError(
+            f"metric must be one of {list(DLA_METRICS)} for DLA (metrics linear in the logits), got {metric!r}."
+        )
     cfg = model.cfg
     if (getattr(cfg, "output_logits_soft_cap", 0) or 0) > 0:
         raise ValueError(
             f"This model soft-caps its logits (output_logits_soft_cap={cfg.output_logits_soft_cap}): "
             "logits are not linear in the residual stream, so DLA terms cannot add up to them."
         )
-    post = POST_NORM_HOOK.format(layer=0) in model.hook_dict
+    post = has_site(model, POST_NORM)
     if getattr(cfg, "use_normalization_before_and_after", False) and not post:
         raise ValueError("This model normalises sublayer outputs, but exposes no ln1_post hooks; DLA cannot read them.")
     if post and cfg.normalization_type not in ("RMS", "RMSPre"):
@@ -115,31 +128,24 @@ def _run_dla(model, ds: ContrastiveDataset, metric: str, *, sources: bool) -> DL
     last query row of every attention pattern and the values when ``sources``)."""
     cfg, L = model.cfg, model.cfg.n_layers
     ds = ds.to(cfg.device)
-    post = POST_NORM_HOOK.format(layer=0) in model.hook_dict
-    want = {"hook_embed": _last, "ln_final.hook_scale": _last}
-    if cfg.positional_embedding_type == "standard":
-        want["hook_pos_embed"] = _last
+    post = has_site(model, POST_NORM)
+    # (site, layer) -> what to keep of it: the last position (pattern: its query row)
+    want = {("embed", None): _last, ("final_scale", None): _last}
+    if has_site(model, "pos_embed"):
+        want[("pos_embed", None)] = _last
     for layer in range(L):
-        want[f"blocks.{layer}.attn.hook_z"] = _last
-        want[f"blocks.{layer}.hook_mlp_out"] = _last
+        want[("z", layer)] = _last
+        want[("mlp_out", layer)] = _last
         if post:
-            want[POST_NORM_HOOK.format(layer=layer)] = _last
+            want[(POST_NORM, layer)] = _last
         if sources:
-            want[f"blocks.{layer}.attn.hook_pattern"] = lambda x: x[:, :, -1]  # (B, H, K)
-            want[f"blocks.{layer}.attn.hook_v"] = lambda x: x
-    cache: dict[str, Tensor] = {}
-
-    def store(name: str):
-        def fn(x: Tensor, hook) -> None:
-            cache[name] = want[name](x).detach()
-
-        return fn
-
-    with torch.no_grad(), hooked(model, [(n, store(n)) for n in want]):
-        logits = model(ds.tokens)
+            want[("pattern", layer)] = lambda x: x[:, :, -1]  # (B, H, K)
+            want[("v", layer)] = None  # every position
+    with torch.no_grad():
+        logits, cache = runs.cache_at(model, ds.tokens, want, keep=want)
     check_finite("DLA: the model's last-position logits", logits[:, -1])
     dt = torch.promote_types(logits.dtype, torch.float32)  # dot products in >= float32
-    f = lambda name: cache[name].to(dt)  # noqa: E731
+    f = lambda site, layer=None: cache[(site, layer)].to(dt)  # noqa: E731
     W_U, b_U = model.W_U.to(dt), model.b_U
     direction = W_U[:, ds.correct].T  # (B, d_model)
     if metric == "logit_diff":
@@ -151,7 +157,7 @@ def _run_dla(model, ds: ContrastiveDataset, metric: str, *, sources: bool) -> DL
         ub = b_U[ds.correct] if b_U is not None else None
     if cfg.normalization_type in ("LN", "LNPre"):  # LayerNorm centres x: (x - mean x) . d = x . (d - mean d)
         direction = direction - direction.mean(-1, keepdim=True)
-    r = direction / f("ln_final.hook_scale")  # (B, d_model) readout of the residual stream
+    r = direction / f("final_scale")  # (B, d_model) readout of the residual stream
     readout, bias = [], []
     for layer in range(L):
         attn = model.blocks[layer].attn
@@ -159,24 +165,24 @@ def _run_dla(model, ds: ContrastiveDataset, metric: str, *, sources: bool) -> DL
         if post:  # frozen post-attention RMSNorm: out = w ⊙ y / s_post
             w = model.blocks[layer].ln1_post.weight.to(dt)
             w = 1 + w if getattr(cfg, "rmsnorm_uses_offset", False) else w
-            rg = r * w / f(POST_NORM_HOOK.format(layer=layer))
+            rg = r * w / f(POST_NORM, layer)
         readout.append(torch.einsum("hed,bd->bhe", attn.W_O.to(dt), rg))  # (B, H, e)
         bias.append(rg @ attn.b_O.to(dt) if attn.b_O is not None else torch.zeros(len(ds), dtype=dt, device=r.device))
-    dot = lambda name: (f(name) * r).sum(-1)  # noqa: E731
+    dot = lambda site, layer=None: (f(site, layer) * r).sum(-1)  # noqa: E731
     run = DLARun(
-        z=torch.stack([f(f"blocks.{layer}.attn.hook_z") for layer in range(L)], 1),
+        z=torch.stack([f("z", layer) for layer in range(L)], 1),
         head_readout=torch.stack(readout, 1),
-        mlp=torch.stack([dot(f"blocks.{layer}.hook_mlp_out") for layer in range(L)], 1),
+        mlp=torch.stack([dot("mlp_out", layer) for layer in range(L)], 1),
         attn_bias=torch.stack(bias, 1),
-        embed=dot("hook_embed"),
-        pos_embed=dot("hook_pos_embed") if "hook_pos_embed" in want else None,
+        embed=dot("embed"),
+        pos_embed=dot("pos_embed") if ("pos_embed", None) in want else None,
         unembed_bias=ub.to(dt) if ub is not None else torch.zeros(len(ds), dtype=dt, device=r.device),
         metric=actual.to(dt),
         post_norm=post,
     )
     if sources:
-        run.pattern = torch.stack([f(f"blocks.{layer}.attn.hook_pattern") for layer in range(L)], 1)
-        v = torch.stack([f(f"blocks.{layer}.attn.hook_v") for layer in range(L)], 1)  # (B, L, K, H_kv, e)
+        run.pattern = torch.stack([f("pattern", layer) for layer in range(L)], 1)
+        v = torch.stack([f("v", layer) for layer in range(L)], 1)  # (B, L, K, H_kv, e)
         run.v = v.repeat_interleave(cfg.n_heads // v.shape[3], dim=3)
     _check_sum(run, _head_scores(run), low_precision=logits.dtype not in (torch.float32, torch.float64))
     return run
@@ -212,8 +218,8 @@ def direct_logit_attribution_all(
     model,
     ds: ContrastiveDataset,
     *,
-    sites: tuple[str, ...] | list[str] = DLA_SITES,
-    metric: str = "logit_diff",
+    sites: tuple[str, ...] | list[str] = DEFAULT_SITES,
+    metric: Metric = "logit_diff",
     per_prompt: bool = False,
 ) -> dict[str, AttributionResult]:
     """DLA of several sites from one forward pass (see ``direct_logit_attribution``).
@@ -227,7 +233,7 @@ def direct_logit_attribution_all(
     _check(model, ds, metric)
     sites = check_sites(sites, DLA_SITES, name="sites", hints=SITE_HINTS)
     scores = {}
-    with timer() as t:
+    with runs.timer() as t:
         run = _run_dla(model, ds, metric, sources="attn_out" in sites)
         for site in sites:
             if site == "z":
@@ -243,7 +249,7 @@ def direct_logit_attribution_all(
         site: AttributionResult(
             scores=pp.mean(0),
             axes=("layer", "head") if site == "z" else ("layer", "pos"),
-            method="DLA",
+            method="dla",
             metric=metric,
             labels={} if site == "z" else {"pos": ds.labels},
             seconds=t["seconds"],  # the shared run's time
@@ -259,7 +265,7 @@ def direct_logit_attribution(
     ds: ContrastiveDataset,
     *,
     site: str = "z",
-    metric: str = "logit_diff",
+    metric: Metric = "logit_diff",
     per_prompt: bool = False,
 ) -> AttributionResult:
     """Direct logit attribution at the last position: (x_c / s) . (W_U[:, c] - W_U[:, w]).
@@ -284,7 +290,7 @@ def direct_logit_attribution(
     return direct_logit_attribution_all(model, ds, sites=(site,), metric=metric, per_prompt=per_prompt)[site]
 
 
-def dla_terms(model, ds: ContrastiveDataset, *, metric: str = "logit_diff"):
+def dla_terms(model, ds: ContrastiveDataset, *, metric: Metric = "logit_diff"):
     """Every direct term of every prompt, as a tidy DataFrame that sums to the metric.
 
     Columns: ``prompt``, ``term`` (``embed``, ``pos_embed`` where positions are learned,

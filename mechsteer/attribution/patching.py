@@ -8,17 +8,20 @@ the logits, by default the logit difference f_c - f_w averaged over prompts (Men
 2022; Wang et al. 2022; Heimersheim & Nanda 2024, "How to use and interpret activation
 patching"). Two directions answer two different questions:
 
+- ``"noising"`` (corrupted -> clean, the default): run the clean prompt, patch in the
+  corrupted activation. Is this activation *necessary* for the behaviour?
+  score = (m_clean - m_patched) / (m_clean - m_corr)
 - ``"denoising"`` (clean -> corrupted): run the corrupted prompt, patch in the clean
   activation. Is this activation *sufficient* to restore the behaviour?
   score = (m_patched - m_corr) / (m_clean - m_corr)
-- ``"noising"`` (corrupted -> clean): run the clean prompt, patch in the corrupted
-  activation. Is this activation *necessary* for the behaviour?
-  score = (m_clean - m_patched) / (m_clean - m_corr)
 
 In both, 0 means the patch had no effect and 1 means it moved the metric the whole way
 from one run to the other (values outside [0, 1] happen: a patch can overshoot, or push
 the wrong way). The two directions need not agree: a location can be necessary without
 being sufficient (a backup head takes over) or sufficient without being necessary.
+Noising is the default of every patching method in mechsteer (``attribution_patching``,
+``run_suite``): it asks what breaks the clean behaviour, the question AtP's gradient on
+the clean run estimates and the run DLA and AttnLRP explain, so their scores compare.
 
 Per-prompt scores (``per_prompt=True``, default metric only) normalise each prompt by its
 own logit differences: (ld_patched - ld_corr) / (ld_clean - ld_corr) per prompt. Their
@@ -47,24 +50,24 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechsteer import kv_cache
+import mechsteer.attribution._patch_engine as engine
+from mechsteer import kv_cache, runs
 from mechsteer._validate import check_finite, positive_int
-from mechsteer.attribution import _patch_engine as engine
-from mechsteer.attribution._common import (
-    Metric,
-    check_dataset,
+from mechsteer.attribution._common import Metric, check_dataset
+from mechsteer.attribution.result import AttributionResult, stack_sites
+from mechsteer.metrics import (
     check_metric_output,
     check_metric_values,
-    check_sites,
     default_metric,
-    timer,
+    logit_diff,
+    normalize,
+    resolve_metric,
 )
-from mechsteer.attribution.result import AttributionResult, stack_sites
-from mechsteer.metrics import logit_diff, normalize
-from mechsteer.sites import hook_name
+from mechsteer.sites import check_sites, hook_name, sites_for
 from mechsteer.tasks.base import ContrastiveDataset
 
-PATCH_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z")
+PATCH_SITES = sites_for("patch")
+DIRECTIONS = ("noising", "denoising")
 
 
 def _scores(patched: Tensor, clean: Tensor | float, corrupted: Tensor | float, direction: str) -> Tensor:
@@ -73,27 +76,21 @@ def _scores(patched: Tensor, clean: Tensor | float, corrupted: Tensor | float, d
     return recovered if direction == "denoising" else 1 - recovered
 
 
-def _check_args(model, ds, site, direction, metric, per_prompt) -> list[str]:
+def _check_args(model, ds, site, direction, metric, per_prompt) -> tuple[list[str], Metric | None, str]:
     check_dataset(ds, model=model)
-    if direction not in ("denoising", "noising"):
-        raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}.")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be 'noising' or 'denoising', got {direction!r}.")
     sites = check_sites(site, PATCH_SITES, name="site")
     if "z" in sites and len(sites) > 1:
         others = [s for s in sites if s != "z"]
         raise ValueError(f"Site 'z' has head axes and cannot be stacked with {others}; patch it on its own.")
-    if metric is not None and not callable(metric):
-        raise ValueError(f"metric must be a callable metric(logits, dataset) -> scalar tensor, got {type(metric).__name__}.")
+    metric, name = resolve_metric(metric)
     if metric is not None and per_prompt:
         raise ValueError(
             "per_prompt=True needs per-prompt metric values, which only the default metric (logit "
             "difference) gives; drop the custom metric or set per_prompt=False."
         )
-    return sites
-
-
-def _metric_name(metric: Metric | None) -> str:
-    name = "logit_diff" if metric is None else getattr(metric, "__name__", "custom")
-    return "custom" if name == "<lambda>" else name
+    return sites, metric, name
 
 
 def _evaluator(ds: ContrastiveDataset, metric: Metric | None):
@@ -128,19 +125,20 @@ def activation_patching(
     ds: ContrastiveDataset,
     *,
     site: str | Sequence[str] = "attn_out",
-    direction: str = "denoising",  # "denoising" | "noising" (str, so a typo gets our ValueError)
+    direction: str = "noising",  # "noising" | "denoising" (str, so a typo gets our ValueError)
     per_position: bool = True,
-    metric: Metric | None = None,
+    metric: Metric | None = "logit_diff",
     per_prompt: bool = False,
     batch_size: int | None = None,
     progress: bool = True,
 ) -> AttributionResult:
     """Patch every location of ``site`` between the clean and corrupted prompts of ``ds``.
 
-    ``"denoising"``: score = (m_patched - m_corr) / (m_clean - m_corr) on the corrupted run;
-    ``"noising"``: score = (m_clean - m_patched) / (m_clean - m_corr) on the clean run.
-    0 = no effect, 1 = the full clean-vs-corrupted effect. m is the mean logit difference
-    f_c - f_w unless ``metric(logits, ds) -> scalar`` is given.
+    ``"noising"`` (default): score = (m_clean - m_patched) / (m_clean - m_corr) on the clean
+    run; ``"denoising"``: score = (m_patched - m_corr) / (m_clean - m_corr) on the corrupted
+    run. 0 = no effect, 1 = the full clean-vs-corrupted effect. m is ``metric``: a name of
+    ``mechsteer.metrics.DATASET_METRICS`` (default ``"logit_diff"``, the mean f_c - f_w) or
+    a callable ``metric(logits, ds) -> scalar``.
 
     Axes: ``("layer", "pos")`` for ``resid_pre``, ``resid_mid``, ``resid_post``,
     ``attn_out``, ``mlp_out`` (``("layer",)`` with ``per_position=False``: all positions
@@ -149,9 +147,9 @@ def activation_patching(
     once), ``("layer", "head", "pos")`` with ``per_position=True``.
 
     ``per_prompt=True`` also keeps per-prompt scores normalised by each prompt's own logit
-    differences (default metric only). ``batch_size`` is the number of patched prompts per
-    forward pass (rounded down to whole cells of ``len(ds)`` prompts, at least one cell);
-    None picks it from a memory budget. ``result.meta`` holds the direction and the clean
+    differences (default metric only). ``batch_size`` is the number of prompts (sequences)
+    per forward pass, each with one cell patched (rounded down to whole cells of
+    ``len(ds)`` prompts, at least one cell); None picks it from a memory budget. ``result.meta`` holds the direction and the clean
     and corrupted metric values.
 
     >>> from mechsteer.tiny import tiny_model
@@ -161,20 +159,20 @@ def activation_patching(
     >>> result.axes, tuple(result.scores.shape)
     (('layer', 'head'), (2, 4))
     """
-    sites = _check_args(model, ds, site, direction, metric, per_prompt)
+    sites, metric, metric_name = _check_args(model, ds, site, direction, metric, per_prompt)
     batch_size = positive_int("batch_size", batch_size, allow_none=True)
     ds = ds.to(model.cfg.device)
     base, source = (ds.corrupted_tokens, ds.tokens) if direction == "denoising" else (ds.tokens, ds.corrupted_tokens)
     B, n_pos, n_layers = len(ds), ds.n_pos, model.cfg.n_layers
     layers = range(n_layers)
     m, evaluate = metric or default_metric, _evaluator(ds, metric)
-    with timer() as t, torch.no_grad(), kv_cache.bridged(model):  # the KV cache reaches TL's attention
+    with runs.timer() as t, torch.no_grad(), kv_cache.bridged(model):  # the KV cache reaches TL's attention
         # (1) cache: the source run at the patched sites; the run being patched: the
         # residual entering each block, its own site values and its keys and values.
         site_names = [hook_name(s, l, model) for s in sites for l in layers]
-        src_logits, src_cache = engine.cache_run(model, source, site_names)
+        src_logits, src_cache = runs.cache_at(model, source, site_names)
         resid_names = [hook_name("resid_pre", l, model) for l in layers]
-        (base_logits, past), base_cache = engine.cache_run(
+        (base_logits, past), base_cache = runs.cache_at(
             model, base, list(dict.fromkeys(resid_names + site_names)), return_type="logits_and_cache"
         )
         clean_logits, corrupt_logits = (src_logits, base_logits) if direction == "denoising" else (base_logits, src_logits)
@@ -182,11 +180,11 @@ def activation_patching(
         m_corr = check_metric_output(m(corrupt_logits, ds), name="metric")
         check_metric_values("activation_patching", m_clean, m_corr)
         resid = {l: base_cache[hook_name("resid_pre", l)] for l in layers}
-        skip_fmt = engine.skipping_works(model, resid[n_layers - 1][:1], n_layers - 1)
-        prefix = engine.PrefixKV.of(past, B, n_pos) if n_pos > 1 else None
+        skip_fmt = runs.skipping_works(model, resid[n_layers - 1][:1], n_layers - 1)
+        prefix = runs.PrefixKV.of(past, B, n_pos) if n_pos > 1 else None
         if prefix is not None and not prefix.works(model, resid[n_layers - 1], base_logits, skip_fmt):
             prefix = None
-        rows = engine.batch_rows(model, n_pos, B, 1 if metric is None else n_pos, batch_size)
+        rows = runs.batch_rows(model, n_pos, B, 1 if metric is None else n_pos, batch_size)
         plans = {}  # site -> (grid, source activations per layer, (start, cells) groups per layer)
         for s in sites:
             grid = engine.make_grid(s, per_position, n_pos, model.cfg.n_heads)
@@ -225,8 +223,8 @@ def activation_patching(
         out.append(AttributionResult(
             scores=scores.reshape(n_layers, *grid.shape),
             axes=axes,
-            method="activation_patching",
-            metric=_metric_name(metric),
+            method="patching",
+            metric=metric_name,
             labels={"pos": ds.labels} if per_position else {},
             seconds=t["seconds"],
             per_prompt=None if pp is None else pp.reshape(B, n_layers, *grid.shape),

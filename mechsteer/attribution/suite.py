@@ -7,21 +7,30 @@ Three grids every method can fill:
   last position);
 - ``attn_out`` and ``mlp_out``: layer x position.
 
-Patching and AtP run in the same direction (default ``"noising"``: what breaks the clean
-behaviour, the direction AtP's clean-run gradient estimates), so their rank correlation
-compares like with like. Each method's cost is its wall time divided by one plain forward
-pass of the same batch, measured in the same run (``forward_equivalents``).
+Patching and AtP run in the same direction (default ``"noising"``, the default of both:
+what breaks the clean behaviour, the direction AtP's clean-run gradient estimates, and
+the clean run DLA and AttnLRP explain), so their rank correlation compares like with
+like. Each method's cost is its wall time divided by one plain forward pass of the same
+batch, measured in the same run (``forward_equivalents``). Every result's ``method`` is
+the name passed in ``methods``. ``Suite.write(out)`` saves the tables, figures and
+summary.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 from mechsteer._validate import positive_int
-from mechsteer.attribution._common import check_dataset, plain_forward_seconds
+from mechsteer.attribution._common import check_dataset
+from mechsteer.attribution.atp import attribution_patching_all
 from mechsteer.attribution.compare import Comparison, compare
+from mechsteer.attribution.dla import direct_logit_attribution_all
+from mechsteer.attribution.lrp import attnlrp
+from mechsteer.attribution.patching import activation_patching
 from mechsteer.attribution.result import AttributionResult
+from mechsteer.runs import plain_forward_seconds
 from mechsteer.tasks.base import ContrastiveDataset
 
 METHODS = ("patching", "atp", "dla", "attnlrp")
@@ -29,8 +38,6 @@ GRIDS = ("heads", "attn_out", "mlp_out")
 
 
 def _patching(model, ds, direction, progress):
-    from mechsteer.attribution.patching import activation_patching
-
     heads = activation_patching(model, ds, site="z", per_position=False, direction=direction, progress=progress)
     sites = activation_patching(model, ds, site=["attn_out", "mlp_out"], direction=direction, progress=progress)
     out = {"heads": heads, "attn_out": sites.select(site="attn_out"), "mlp_out": sites.select(site="mlp_out")}
@@ -38,22 +45,16 @@ def _patching(model, ds, direction, progress):
 
 
 def _atp(model, ds, direction, progress):
-    from mechsteer.attribution.atp import attribution_patching_all
-
     res = attribution_patching_all(model, ds, sites=("attn_out", "mlp_out", "z"), direction=direction)
     return {"heads": res["z"].sum("pos"), "attn_out": res["attn_out"], "mlp_out": res["mlp_out"]}, res["z"].seconds
 
 
 def _dla(model, ds, direction, progress):
-    from mechsteer.attribution.dla import direct_logit_attribution_all
-
     res = direct_logit_attribution_all(model, ds, sites=("z", "attn_out", "mlp_out"))
     return {"heads": res["z"], "attn_out": res["attn_out"], "mlp_out": res["mlp_out"]}, res["z"].seconds
 
 
 def _attnlrp(model, ds, direction, progress):
-    from mechsteer.attribution.lrp import attnlrp
-
     res = attnlrp(model, ds, readout=("sites", "heads"), sites=("attn_out", "mlp_out"), progress=progress)
     sites = res["sites"]
     out = {"heads": res["heads"], "attn_out": sites.select(site="attn_out"), "mlp_out": sites.select(site="mlp_out")}
@@ -73,6 +74,7 @@ class Suite:
     seconds: dict[str, float]
     plain_forward_seconds: float
     comparisons: dict[str, Comparison] = field(default_factory=dict)
+    model_name: str = ""
 
     @property
     def forward_equivalents(self) -> dict[str, float]:
@@ -102,10 +104,40 @@ class Suite:
             [{"method": m, "seconds": s, "forward_equivalents": fe[m]} for m, s in self.seconds.items()]
         )
 
+    def agreement(self):
+        """One row per grid and pair of methods: Spearman and top-k Jaccard."""
+        import pandas as pd
+
+        return pd.concat([c.pairs.assign(grid=g) for g, c in self.comparisons.items()], ignore_index=True)
+
+    def figures(self) -> list:
+        """The methods side by side on each grid (one method: its own heatmaps)."""
+        if self.comparisons:
+            return [c.figure for c in self.comparisons.values()]
+        return [r.plot(title=f"{self.task.upper()}: {g} ({m})") for g, by in self.results.items() for m, r in by.items()]
+
+    def write(self, out: str | Path) -> Path:
+        """Write ``scores.csv``, ``costs.csv``, ``agreement.csv`` (two methods or more),
+        ``figures.html`` and ``summary.json`` into ``out`` (each file atomically); returns ``out``."""
+        from mechsteer import _io
+        from mechsteer.plots import figures_page
+
+        out = Path(out)
+        _io.write_text(out / "scores.csv", self.frame().to_csv(index=False))
+        _io.write_text(out / "costs.csv", self.costs().to_csv(index=False))
+        if self.comparisons:
+            _io.write_text(out / "agreement.csv", self.agreement().to_csv(index=False))
+        title = f"mechsteer attribution: {self.task}" + (f" on {self.model_name}" if self.model_name else "")
+        _io.write_text(out / "figures.html", figures_page(title, self.figures()))
+        _io.write_json(out / "summary.json", self.summary())
+        return out
+
     def summary(self) -> dict:
         """Numbers for ``summary.json``."""
         fe = self.forward_equivalents
         return {
+            "task": self.task,
+            "model": self.model_name,
             "n": self.n,
             "plain_forward_seconds": self.plain_forward_seconds,
             "methods": {m: {"seconds": s, "forward_equivalents": fe[m]} for m, s in self.seconds.items()},
@@ -124,6 +156,9 @@ def run_suite(
     progress: bool = True,
 ) -> Suite:
     """Run ``methods`` on ``ds``, fill every grid, and compare the methods on each grid.
+
+``direction`` is patching's and AtP's (default ``"noising"``); ``k`` the top-k of the
+Jaccard overlaps. Each method runs at its own default ``batch_size`` (prompts per forward).
 
     >>> from mechsteer.tiny import tiny_model
     >>> from mechsteer.tasks import ioi
@@ -149,8 +184,9 @@ def run_suite(
         out, secs = RUNNERS[m](model, ds, direction, progress)
         seconds[m] = secs
         for g in GRIDS:
-            results[g][m] = out[g]
-    suite = Suite(task=ds.name, n=len(ds), results=results, seconds=seconds, plain_forward_seconds=fwd)
+            results[g][m] = out[g]  # out[g].method == m
+    suite = Suite(task=ds.name, n=len(ds), results=results, seconds=seconds, plain_forward_seconds=fwd,
+                  model_name=getattr(model.cfg, "model_name", "") or "")
     if len(methods) >= 2:
         for g in GRIDS:
             suite.comparisons[g] = compare(

@@ -1,7 +1,7 @@
 """AttnLRP on TransformerLens hook points: one forward + one backward pass, many readouts.
 
-AttnLRP (Achtibat et al., 2024) explains a model output f (a target logit, or the logit
-difference f_c - f_w) as relevances R that add up to roughly f. Written as *gradient x
+AttnLRP (Achtibat et al., 2024) explains a model output f (``metric="logit"``: the
+answer's logit f_c; ``"logit_diff"``: the logit difference f_c - f_w) as relevances R that add up to roughly f. Written as *gradient x
 input*, ``R(a) = a * d~f/da`` for any activation a, where d~ is the gradient after the
 rules of ``rules.py`` have been placed on the bridge's hook points (``rule_hooks``):
 
@@ -36,25 +36,24 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechsteer import runs
 from mechsteer._validate import check_finite, positive_int
-from mechsteer.attribution._common import check_dataset, check_sites, timer
+from mechsteer.attribution._common import Metric, check_dataset
 from mechsteer.attribution.lrp import rules as R
 from mechsteer.attribution.result import AttributionResult
-from mechsteer.sites import HookFn, hook_name, hooked
+from mechsteer.sites import NORM_SCALE_EDIT_WARNING, HookFn, check_sites, hook_name, hooked, sites_for
 from mechsteer.tasks.base import ContrastiveDataset
 
-NORM_SCALES = ("blocks.{layer}.ln1.hook_scale", "blocks.{layer}.ln2.hook_scale")
-FINAL_SCALE = "ln_final.hook_scale"
-ATTN = {s: f"blocks.{{layer}}.attn.hook_{s}" for s in ("q", "k", "v", "pattern")}
-MLP = {s: f"blocks.{{layer}}.mlp.hook_{s}" for s in ("pre", "pre_linear", "post")}
+NORM_SCALES = ("ln1_scale", "ln2_scale")  # sites whose scale the identity rule freezes
+MLP = {"pre": "mlp_pre", "pre_linear": "mlp_pre_linear", "post": "mlp_post"}
 # Gradient factors of the uniform rule (Q.K^T and A.V, half to each factor) per placement:
 # the path into q and k crosses both products, so "qk" folds both halvings onto them.
 UNIFORM = {"qk": {"q": 0.25, "k": 0.25, "v": 0.5}, "pattern": {"q": 0.5, "k": 0.5, "pattern": 0.5, "v": 0.5}}
 VARIANTS = ("attnlrp", "cp")
 READOUTS = ("input", "sites", "heads")
-READOUT_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+READOUT_SITES = sites_for("readout")
 DEFAULT_SITES = ("resid_pre", "attn_out", "mlp_out", "resid_post")
-_BRIDGE_WARNING = "A forward hook edited hook_scale"  # the norm's exact-path fallback, expected
+METRICS = ("logit_diff", "logit")  # what AttnLRP explains: a logit or a difference of two
 
 
 def _mlp_hooks(layer: int, gated: bool, ratio) -> list[tuple[str, HookFn]]:
@@ -74,7 +73,7 @@ def _mlp_hooks(layer: int, gated: bool, ratio) -> list[tuple[str, HookFn]]:
         return R.identity_rule(seen.pop("pre"), x, ratio)
 
     keys = ("pre", "pre_linear") if gated else ("pre",)
-    return [(MLP[k].format(layer=layer), keep(k)) for k in keys] + [(MLP["post"].format(layer=layer), post)]
+    return [(hook_name(MLP[k], layer), keep(k)) for k in keys] + [(hook_name(MLP["post"], layer), post)]
 
 
 def rule_hooks(model, *, variant: str = "attnlrp", uniform: str = "qk") -> list[tuple[str, HookFn]]:
@@ -89,14 +88,14 @@ def rule_hooks(model, *, variant: str = "attnlrp", uniform: str = "qk") -> list[
     freeze = lambda x, hook: R.freeze_grad(x)  # noqa: E731
     hooks: list[tuple[str, HookFn]] = []
     for layer in range(model.cfg.n_layers):
-        hooks += [(t.format(layer=layer), freeze) for t in NORM_SCALES]
+        hooks += [(hook_name(site, layer), freeze) for site in NORM_SCALES]
         if variant == "cp":
-            hooks.append((ATTN["pattern"].format(layer=layer), lambda x, hook: R.constant(x)))
+            hooks.append((hook_name("pattern", layer), lambda x, hook: R.constant(x)))
         else:
             for site, s in UNIFORM[uniform].items():
-                hooks.append((ATTN[site].format(layer=layer), lambda x, hook, s=s: R.scale_grad(x, s)))
+                hooks.append((hook_name(site, layer), lambda x, hook, s=s: R.scale_grad(x, s)))
         hooks += _mlp_hooks(layer, bool(model.cfg.gated_mlp), ratio)
-    return hooks + [(FINAL_SCALE, freeze)]
+    return hooks + [(hook_name("final_scale"), freeze)]
 
 
 @contextlib.contextmanager
@@ -116,7 +115,7 @@ def lrp_rules(
     """
     hooks = rule_hooks(model, variant=variant, uniform=uniform) if rules else []
     with warnings.catch_warnings(), torch.enable_grad():
-        warnings.filterwarnings("ignore", message=_BRIDGE_WARNING)
+        warnings.filterwarnings("ignore", message=NORM_SCALE_EDIT_WARNING)  # the norm's exact path, expected
         with hooked(model, [*hooks, *extra]) as calls:
             yield calls
 
@@ -204,9 +203,9 @@ def _one_pass(model, tokens, answer, wrong, *, names, heads, query_pos, mask, po
 
         return fn
 
-    extra = [("hook_embed", embed)]
+    extra = [(hook_name("embed"), embed)]
     extra += [(hook_name(s, l), site(i, l)) for i, s in enumerate(names) for l in range(L)]
-    extra += [(ATTN["pattern"].format(layer=l), head(l)) for l in range(L)] if heads else []
+    extra += [(hook_name("pattern", l), head(l)) for l in range(L)] if heads else []
     with lrp_rules(model, extra=extra, **rule_kw):
         f = model(tokens)[:, -1].float()  # (B, vocab)
         idx = torch.arange(B, device=f.device)
@@ -216,11 +215,27 @@ def _one_pass(model, tokens, answer, wrong, *, names, heads, query_pos, mask, po
     return target.detach().cpu(), r_input.cpu(), out["sites"].cpu(), out["heads"].cpu()
 
 
+def _metric(metric, target) -> str | None:
+    """``metric=`` (or the deprecated ``target=``): None (the data's default) or one of ``METRICS``."""
+    if target is not None:
+        warnings.warn("attnlrp(target=...) is now attnlrp(metric=...); target= goes in the next release.",
+                      DeprecationWarning, stacklevel=3)
+        if metric is not None and metric != target:
+            raise ValueError(f"Pass metric= only (target= is its old name); got metric={metric!r}, target={target!r}.")
+        metric = target
+    if metric is not None and (not isinstance(metric, str) or metric not in METRICS):
+        raise ValueError(
+            f"metric must be one of {list(METRICS)} for AttnLRP (relevance explains one logit or a difference of "
+            f"two), got {metric!r}. For other metrics use activation_patching or attribution_patching."
+        )
+    return metric
+
+
 def attnlrp(
     model,
     data: ContrastiveDataset | Int[Tensor, "batch pos"],
     *,
-    target: str | None = None,
+    metric: Metric | None = None,
     answer: Int[Tensor, " batch"] | int | None = None,
     wrong: Int[Tensor, " batch"] | int | None = None,
     variant: str = "attnlrp",
@@ -234,17 +249,21 @@ def attnlrp(
     per_prompt: bool = False,
     batch_size: int = 32,
     progress: bool = True,
+    target: str | None = None,
 ) -> AttributionResult | dict[str, AttributionResult]:
     """AttnLRP relevances R(a) = a * d~f/da, all readouts from one forward + one backward.
 
-    f is each prompt's last-position logit difference f_c - f_w (``target="logit_diff"``,
+    f is each prompt's last-position logit difference f_c - f_w (``metric="logit_diff"``,
     the default for a dataset) or the logit f_a of ``answer`` (``"logit"``, the default
-    for raw tokens). ``readout``: one of ``READOUTS`` (returns that result) or several
+    for raw tokens); other metrics (callables, probabilities) are refused: relevance
+    explains one logit or a difference of two. ``target=`` is the old name of ``metric=``
+    (deprecated). ``readout``: one of ``READOUTS`` (returns that result) or several
     (returns a dict). ``"heads"`` is sum over k in ``key_pos`` (default all) of
     R(A[query_pos, k]), its positive part first if ``positive``; ``key_pos`` is one list
     of positions or one list per prompt. ``uniform`` picks where the uniform rule sits
     (same numbers). Scores are means over prompts; ``meta["target"]`` holds each f, so
     ``per_prompt`` input relevances summed over positions can be compared with it.
+    ``batch_size`` is the number of prompts (sequences) per forward + backward pass.
 
     >>> from mechsteer.tiny import tiny_model
     >>> from mechsteer.tasks import ioi
@@ -253,6 +272,7 @@ def attnlrp(
     >>> out["sites"].axes, out["heads"].axes, out["input"].axes
     (('site', 'layer', 'pos'), ('layer', 'head'), ('pos',))
     """
+    metric = _metric(metric, target)
     names = check_sites(sites, READOUT_SITES, name="sites")
     wanted = [readout] if isinstance(readout, str) else list(readout)
     if not wanted or any(r not in READOUTS for r in wanted):
@@ -264,20 +284,18 @@ def attnlrp(
         check_dataset(data, model=model)
         if answer is not None or wrong is not None:
             raise ValueError("A ContrastiveDataset brings its own answers; pass answer=/wrong= only with raw tokens.")
-        target = target or "logit_diff"
+        metric = metric or "logit_diff"
         tokens, answer, wrong, labels = data.tokens, data.correct, data.wrong, data.labels
     else:
-        target = target or "logit"
+        metric = metric or "logit"
         tokens = _tokens(data, model)
         labels = [f"{i}:{t}" for i, t in enumerate(model.to_str_tokens(data[0]))]
-        if answer is None or (target == "logit_diff" and wrong is None):
-            need = "answer= and wrong=" if target == "logit_diff" else "answer="
-            raise ValueError(f"target={target!r} on raw tokens needs {need} token ids (one per prompt, or one int).")
-    if target not in ("logit_diff", "logit"):
-        raise ValueError(f"target must be 'logit_diff' or 'logit', got {target!r}.")
+        if answer is None or (metric == "logit_diff" and wrong is None):
+            need = "answer= and wrong=" if metric == "logit_diff" else "answer="
+            raise ValueError(f"metric={metric!r} on raw tokens needs {need} token ids (one per prompt, or one int).")
     n, n_pos = tokens.shape
     ids = {"answer": _ids(answer, n, model, "answer"), "wrong": _ids(wrong, n, model, "wrong")}
-    ids["wrong"] = ids["wrong"] if target == "logit_diff" else None
+    ids["wrong"] = ids["wrong"] if metric == "logit_diff" else None
     if isinstance(query_pos, bool) or not isinstance(query_pos, int) or not -n_pos <= query_pos < n_pos:
         raise ValueError(f"query_pos {query_pos!r} is beyond the prompt: it has {n_pos} tokens.")
     batch_size = positive_int("batch_size", batch_size)
@@ -285,7 +303,7 @@ def attnlrp(
     share = 0.5 if rules and variant == "attnlrp" else 1.0  # A's half of A.V (uniform rule)
     parts = []
     starts = range(0, n, batch_size)
-    with timer() as t:
+    with runs.timer() as t:
         for s in tqdm(starts, desc="attnlrp", disable=not progress or len(starts) == 1):
             sl = slice(s, s + batch_size)
             dev = lambda x: x[sl].to(model.cfg.device) if x is not None else None  # noqa: E731
@@ -296,10 +314,10 @@ def attnlrp(
                 positive=positive, share=share, variant=variant, uniform=uniform, rules=rules,
             ))
     f, r_input, r_sites, r_heads = (torch.cat(p) for p in zip(*parts))
-    check_finite(f"attnlrp: the explained {target} f", f)
+    check_finite(f"attnlrp: the explained {metric} f", f)
     method = ("attnlrp" if variant == "attnlrp" else "cp-lrp") if rules else "grad_x_input"
     meta = {"target": f, "variant": variant, "rules": rules, "query_pos": query_pos, "positive": positive}
-    common = dict(method=method, metric=target, seconds=t["seconds"], meta=meta)
+    common = dict(method=method, metric=metric, seconds=t["seconds"], meta=meta)
     made = {
         "input": (r_input, ("pos",), {"pos": labels}),
         "sites": (r_sites, ("site", "layer", "pos"), {"pos": labels, "site": names}),
