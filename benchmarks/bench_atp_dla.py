@@ -25,9 +25,8 @@ import time
 
 from _common import load, machine_info, parse_args, write_result
 
-from mechsteer.attribution._common import plain_forward_seconds
-from mechsteer.attribution.atp import attribution_patching, attribution_patching_all
-from mechsteer.attribution.dla import direct_logit_attribution, dla_terms
+from mechsteer.attribution import attribution_patching, attribution_patching_all, direct_logit_attribution, dla_terms
+from mechsteer.runs import plain_forward_seconds
 from mechsteer.tasks import ioi
 
 SITES = ("resid_pre", "attn_out", "mlp_out", "z")

@@ -13,8 +13,8 @@ import time
 import torch
 
 from _common import load, machine_info, parse_args, write_result
-from mechsteer.attribution import _patch_engine as engine
-from mechsteer.attribution.patching import activation_patching
+import mechsteer.attribution._patch_engine as engine
+from mechsteer.attribution import activation_patching
 from mechsteer.tasks import make_task
 from mechsteer.tasks.fv import fv_prompts, top_k_predictions
 

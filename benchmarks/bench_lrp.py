@@ -30,8 +30,8 @@ import torch
 
 from _common import load, machine_info, parse_args, write_result
 
-from mechsteer.attribution._common import plain_forward_seconds
-from mechsteer.attribution.lrp import attnlrp
+from mechsteer.attribution import attnlrp
+from mechsteer.runs import plain_forward_seconds
 from mechsteer.tasks import ioi
 
 CASES = {"attnlrp": dict(variant="attnlrp"), "cp": dict(variant="cp"), "grad_x_input": dict(rules=False)}

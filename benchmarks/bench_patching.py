@@ -31,8 +31,9 @@ import transformer_lens.patching as tlp
 from _common import machine_info, write_result
 
 import mechsteer
-from mechsteer.attribution._common import default_metric, plain_forward_seconds
-from mechsteer.attribution.patching import activation_patching
+from mechsteer.attribution import activation_patching
+from mechsteer.metrics import default_metric
+from mechsteer.runs import plain_forward_seconds
 from mechsteer.tasks import ioi
 
 
@@ -73,7 +74,8 @@ def main() -> None:
 
     with torch.no_grad():
         # heads, all positions: full grid on both sides
-        ours, t_ours = timed(lambda: activation_patching(model, ds, site="z", per_position=False, progress=False))
+        ours, t_ours = timed(lambda: activation_patching(model, ds, site="z", per_position=False, direction="denoising",
+                                                     progress=False))
 
         def tl_all():
             _, cache = model.run_with_cache(ds.tokens, names_filter=z_names)
@@ -87,7 +89,8 @@ def main() -> None:
         }
 
         # heads by position: TL on a subset of layers, extrapolated
-        ours, t_ours = timed(lambda: activation_patching(model, ds, site="z", per_position=True, progress=False))
+        ours, t_ours = timed(lambda: activation_patching(model, ds, site="z", per_position=True, direction="denoising",
+                                                     progress=False))
         k = cfg.n_layers if args.tl_layers <= 0 else min(args.tl_layers, cfg.n_layers)
         layers = torch.linspace(0, cfg.n_layers - 1, k).round().long().unique().tolist()
         cells = [(l, p, h) for l in layers for p in range(ds.n_pos) for h in range(cfg.n_heads)]
