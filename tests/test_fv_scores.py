@@ -4,6 +4,7 @@ AtP head scores, global averaging and rank correlation."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import replace
 
 import pytest
@@ -13,13 +14,21 @@ import torch.autograd.forward_ad as fwAD
 import mechsteer.fv.indirect_effect as aie_module
 from mechsteer.attribution.lrp import attnlrp
 from mechsteer.attribution.result import AttributionResult
-from mechsteer.fv.means import answer_prob, last_z, mean_head_z
-from mechsteer.fv.scores import aie, aie_global, atp_head_scores, lrp_head_scores, rank_correlation
+from mechsteer.fv.means import last_z, mean_head_z
+from mechsteer.fv.scores import (
+    aie,
+    aie_global,
+    atp_head_scores,
+    lrp_head_scores,
+    rank_correlation,
+)
+from mechsteer.metrics import answer_prob as _answer_prob
 from mechsteer.sites import hook_name, hooked, live_hooks
 from mechsteer.tasks.fv import FVPrompts
 
 PAIRS = [("hot", "cold"), ("tall", "short"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("old", "new")]
 INSTRUCTION, FRAME = "Give the opposite word", "opposite"
+answer_prob = functools.partial(_answer_prob, reduce="none")  # P(answer) per prompt, (batch,)
 NOISE = "Blue river under a lamp"  # the corrupted prompts' stand-in for the instruction
 
 

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from mechsteer import kv_cache
 from mechsteer.fv.inject import function_vector, inject_dfv, inject_fv
+from mechsteer.metrics import answer_rank
 from mechsteer.tasks.fv import FVPrompts
 
 Steer = Callable[[], contextlib.AbstractContextManager]
@@ -79,10 +80,8 @@ def zero_shot_accuracy(
     rank = torch.empty(n, dtype=torch.long)
     with steer() if steer is not None else contextlib.nullcontext():
         for idx, tokens in tqdm(batches, desc="zero-shot", disable=not progress):
-            last = model(tokens.to(device))[:, -1].float()  # (B, vocab)
-            ans = prompts.answers[idx].to(last.device)
-            target = last.gather(1, ans[:, None])  # (B, 1)
-            rank[idx] = (last > target).sum(-1).cpu()
+            logits = model(tokens.to(device))  # (B, T, vocab)
+            rank[idx] = answer_rank(logits, prompts.answers[idx]).cpu()
     out: dict[str, Any] = {f"top{k}": int((rank < k).sum()) / n for k in topk}
     out.update(n=n, rank=rank)
     return out
@@ -121,7 +120,7 @@ def fv_layer_sweep(
     rows = []
     for layer in tqdm(layers, desc="FV layer sweep", disable=not progress):
         r = zero_shot_accuracy(
-            model, val_prompts, lambda: inject_fv(model, fv, layer, scale), topk, batch_size, progress=False
+            model, val_prompts, lambda layer=layer: inject_fv(model, fv, layer, scale), topk, batch_size, progress=False
         )
         rows.append({"layer": layer, **{f"top{k}": r[f"top{k}"] for k in topk}})
     return pd.DataFrame(rows)

@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Sequence
 
 import torch
 from jaxtyping import Float
@@ -46,10 +46,17 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechsteer import kv_cache
-from mechsteer.attribution import _patch_engine as engine
-from mechsteer.attribution._common import timer
 from mechsteer.attribution.result import AttributionResult
-from mechsteer.fv.means import answer_prob, check_layers, check_mean_z, check_prompts
+from mechsteer.fv.means import check_layers, check_mean_z, check_prompts
+from mechsteer.metrics import answer_prob
+from mechsteer.runs import (
+    CPU_BUDGET_BYTES,
+    PrefixKV,
+    cache_at,
+    skip_blocks_below,
+    skipping_works,
+    timer,
+)
 from mechsteer.sites import hook_name, hooked
 from mechsteer.tasks.fv import FVPrompts
 
@@ -71,7 +78,7 @@ def _patch_hook(rows: Tensor, heads: Tensor, values: Tensor):
 def _naive_group(model, tokens, answers, mean_z, layers, bar) -> tuple[Tensor, Tensor]:
     """P(y | p~) (B,) and the patched P(y) (B, n_layers, H): one full forward per head."""
     B, H = tokens.shape[0], model.cfg.n_heads
-    p_base = answer_prob(model(tokens), answers)
+    p_base = answer_prob(model(tokens), answers, reduce="none")
     patched = torch.zeros(B, len(layers), H, device=p_base.device)
     every = torch.arange(B, device=tokens.device)
     for i, layer in enumerate(layers):
@@ -79,7 +86,7 @@ def _naive_group(model, tokens, answers, mean_z, layers, bar) -> tuple[Tensor, T
             head = torch.full((B,), h, device=tokens.device)
             hook = _patch_hook(every, head, mean_z[layer, h].expand(B, -1))
             with hooked(model, [(hook_name("z", layer, model), hook)]):
-                patched[:, i, h] = answer_prob(model(tokens), answers)
+                patched[:, i, h] = answer_prob(model(tokens), answers, reduce="none")
             bar.update(1)
     return p_base, patched
 
@@ -93,12 +100,12 @@ class _Reuse:
         self.checked, self.skip, self.prefix = False, None, True
 
     def check(self, model, tokens, resid, prefix, logits, layers) -> None:
-        """``prefix``: the first group's ``kv_cache.PrefixCache`` (None: it cannot be reused)."""
+        """``prefix``: the first group's ``runs.PrefixKV`` (None: it cannot be reused)."""
         if self.checked:
             return
         self.checked = True
         last = layers[-1]
-        self.skip = engine.skipping_works(model, resid[last][:1], last)
+        self.skip = skipping_works(model, resid[last][:1], last, who="aie")
         if tokens.shape[1] == 1:  # one-token prompts: no earlier tokens to reuse
             return
         if prefix is None:
@@ -117,11 +124,11 @@ class _Reuse:
 
 def _resume(model, resid, start: int, n_pos: int, prefix, prompts, skip, hooks) -> Tensor:
     """Logits of the last token of ``prompts``, from the residual entering block ``start``
-    (earlier tokens' keys and values from ``prefix``, a ``kv_cache.PrefixCache``)."""
+    (earlier tokens' keys and values from ``prefix``, a ``runs.PrefixKV``)."""
     kwargs = {"logits_to_keep": 1}
     if n_pos > 1:
         kwargs["past_key_values"] = prefix.cache(prompts, n_pos - 1, start)
-    with engine.skip_blocks_below(model, start, skip), kv_cache.bridged(model), hooked(model, hooks):
+    with skip_blocks_below(model, start, skip), kv_cache.bridged(model), hooked(model, hooks):
         return model(resid, start_at_layer=start, **kwargs)
 
 
@@ -141,7 +148,7 @@ def _fast_rows(model, n_pos: int, rows: int | None) -> int:
     if device.type == "cuda":
         budget = int(torch.cuda.mem_get_info(device)[0] * CUDA_BUDGET_FRACTION)
     else:
-        budget = engine.CPU_BUDGET_BYTES
+        budget = CPU_BUDGET_BYTES
     return max(1, budget // per_row)
 
 
@@ -149,22 +156,17 @@ def _fast_group(model, tokens, answers, mean_z, layers, n_rows, reuse: _Reuse, b
     """Same as ``_naive_group``, from one cached forward and batched one-token rows."""
     B, T = tokens.shape
     H, dev = model.cfg.n_heads, tokens.device
-    resid: dict[int, Tensor] = {}
-
-    def keep(layer: int):
-        def fn(x, hook):  # (B, T, d_model): the last token only
-            resid[layer] = x[:, -1:].detach().clone()
-
-        return fn
-
-    with kv_cache.bridged(model), hooked(model, [(hook_name("resid_pre", l, model), keep(l)) for l in layers]):
-        logits, past = model(tokens, return_type="logits_and_cache", logits_to_keep=1)
+    with kv_cache.bridged(model):  # the residual entering each scored layer at the last token, and the KV cache
+        (logits, past), store = cache_at(model, tokens, [("resid_pre", l) for l in layers],
+                                         keep=lambda x: x[:, -1:].clone(), return_type="logits_and_cache",
+                                         logits_to_keep=1)
+    resid = {l: store[("resid_pre", l)] for l in layers}  # (B, 1, d_model) each
     prefix = None  # this group's own keys and values (warns once, naming why, when not reusable)
     if reuse.prefix and T > 1:
-        prefix = kv_cache.PrefixCache.of(past, B, T, who="aie(mode='fast')")
+        prefix = PrefixKV.of(past, B, T, who="aie(mode='fast')")
     reuse.check(model, tokens, resid, prefix, logits, layers)
     resume = reuse.prefix and (T == 1 or prefix is not None)
-    p_base = answer_prob(logits, answers)
+    p_base = answer_prob(logits, answers, reduce="none")
     patched = torch.zeros(B, len(layers), H, device=p_base.device)
     total = len(layers) * H * B
     for r0 in range(0, total, n_rows):
@@ -181,7 +183,7 @@ def _fast_group(model, tokens, answers, mean_z, layers, n_rows, reuse: _Reuse, b
         else:
             with hooked(model, hooks):
                 out = model(tokens[prompt], logits_to_keep=1)
-        patched[prompt, li, head] = answer_prob(out, answers[prompt])
+        patched[prompt, li, head] = answer_prob(out, answers[prompt], reduce="none")
         bar.update(1)
     return p_base, patched
 

@@ -16,13 +16,14 @@ memory cost is ``batch x layer x head x d_head`` floats, not a full activation c
 Prompts are unpadded: ``FVPrompts.batches`` groups prompts of one token length, so
 position -1 is every prompt's last token (no padding mask to get wrong).
 
-The helpers here (``last_z``, ``answer_prob``, the checks) are shared by the head scores
-in ``mechsteer.fv.indirect_effect`` and ``mechsteer.fv.scores``.
+The helpers here (``last_z``, the checks) are shared by the head scores in
+``mechsteer.fv.indirect_effect`` and ``mechsteer.fv.scores``; P(answer) is
+``mechsteer.metrics.answer_prob`` (``reduce="none"``: one value per prompt).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -30,7 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechsteer._validate import check_finite, nonneg_int, positive_int
-from mechsteer.sites import hook_name, hooked
+from mechsteer.runs import cache_at
 from mechsteer.tasks.fv import FVPrompts
 
 
@@ -85,13 +86,6 @@ def check_layers(model, layers: Sequence[int] | None) -> list[int]:
     return out
 
 
-def answer_prob(logits: Tensor, answers: Tensor) -> Float[Tensor, " batch"]:
-    """P(answer) = softmax(f)_a at the last position, in float32, one value per row."""
-    f = logits[:, -1] if logits.ndim == 3 else logits
-    p = f.float().softmax(-1)
-    return p[torch.arange(f.shape[0], device=f.device), answers.to(f.device)]
-
-
 def last_z(model, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch layer head d_head"]:
     """Every head's ``hook_z`` at the last position, from one forward pass (no other cache).
 
@@ -100,18 +94,10 @@ def last_z(model, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch laye
     >>> tuple(last_z(model, model.to_tokens("Q: hot A:")).shape)
     (1, 2, 4, 16)
     """
-    L = model.cfg.n_layers
-    store: dict[int, Tensor] = {}
-
-    def keep(layer: int):
-        def fn(x, hook):  # (B, T, H, d_head)
-            store[layer] = x[:, -1].detach().clone()  # close over the layer, not hook.name
-
-        return fn
-
-    with torch.no_grad(), hooked(model, [(hook_name("z", l, model), keep(l)) for l in range(L)]):
-        model(tokens.to(model.cfg.device), logits_to_keep=1)
-    return torch.stack([store[l] for l in range(L)], 1)
+    sites = [("z", layer) for layer in range(model.cfg.n_layers)]
+    with torch.no_grad():  # the last position only, copied out of the full activation
+        _, store = cache_at(model, tokens.to(model.cfg.device), sites, keep=lambda z: z[:, -1].clone(), logits_to_keep=1)
+    return torch.stack([store[site] for site in sites], 1)  # (B, L, H, d_head)
 
 
 def mean_head_z(

@@ -36,13 +36,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechsteer._validate import check_finite, positive_int
-from mechsteer.attribution._common import timer
 from mechsteer.attribution.compare import spearman
 from mechsteer.attribution.lrp import attnlrp
 from mechsteer.attribution.result import AttributionResult
 from mechsteer.fv.indirect_effect import aie, aie_global
-from mechsteer.fv.means import answer_prob, check_mean_z, check_prompts
-from mechsteer.metrics import answer_rank
+from mechsteer.fv.means import check_mean_z, check_prompts
+from mechsteer.metrics import answer_prob, answer_rank
+from mechsteer.runs import grad_at, timer
 from mechsteer.sites import hook_name, hooked
 from mechsteer.tasks.fv import FVPrompts
 
@@ -91,15 +91,15 @@ def lrp_head_scores(
     ranks = torch.zeros(N, dtype=torch.long)
     groups = list(prompts.batches(batch_size))
     with timer() as t:
+        last: dict[str, Tensor] = {}
+
+        def grab(x, hook):  # the same pass's logits, to apply the rank rule
+            last["f"] = x.detach()[:, -1]
+
         for idx, tokens in tqdm(groups, desc="attnlrp heads", disable=not progress or len(groups) == 1):
-            last: dict[str, Tensor] = {}
-
-            def grab(x, hook):  # the same pass's logits, to apply the rank rule
-                last["f"] = x.detach()[:, -1]
-
             answers = prompts.answers[idx]
-            with hooked(model, [("unembed.hook_out", grab)]):
-                r = attnlrp(model, tokens, target="logit", answer=answers, readout="heads", query_pos=-1,
+            with hooked(model, [(hook_name("logits", model=model), grab)]):
+                r = attnlrp(model, tokens, metric="logit", answer=answers, readout="heads", query_pos=-1,
                             key_pos=[[int(k) for k in prompts.frames[i]] for i in idx], positive=True,
                             variant=variant, per_prompt=True, batch_size=len(idx), progress=False)
             rel[idx] = r.per_prompt
@@ -118,25 +118,13 @@ def lrp_head_scores(
 
 
 def _atp_group(model, tokens, answers, mean_z) -> tuple[Tensor, Tensor]:
-    """P(y | p~) (B,) and CIE_hat (B, layer, H) from one forward + backward."""
-    L = model.cfg.n_layers
-    z: dict[int, Tensor] = {}
-    delta: dict[int, Tensor] = {}
-
-    def add_delta(layer: int):
-        def fn(x, hook):  # (B, T, H, d_head); the zero delta sits at the last position only
-            z[layer] = x[:, -1].detach()
-            delta[layer] = torch.zeros_like(z[layer], requires_grad=True)
-            return torch.cat([x[:, :-1], (x[:, -1] + delta[layer])[:, None]], 1)
-
-        return fn
-
-    with torch.enable_grad():
-        with hooked(model, [(hook_name("z", l, model), add_delta(l)) for l in range(L)]):
-            p = answer_prob(model(tokens, logits_to_keep=1), answers)  # (B,)
-        grads = torch.autograd.grad(p.sum(), [delta[l] for l in range(L)], allow_unused=True)
-    est = [((g if g is not None else 0.0) * (mean_z[l] - z[l])).sum(-1) for l, g in enumerate(grads)]  # (B, H) each
-    return p.detach(), torch.stack(est, 1)
+    """P(y | p~) (B,) and CIE_hat (B, layer, H) from one forward + backward
+    (``runs.grad_at``: the zero delta sits at the last position only)."""
+    sites = [("z", layer) for layer in range(model.cfg.n_layers)]
+    p, z, grads = grad_at(model, tokens, sites, lambda logits: answer_prob(logits, answers, reduce="none"),
+                          pos=-1, logits_to_keep=1)  # z, grads: (B, H, d_head) per layer
+    est = [(grads[site] * (mean_z[layer] - z[site])).sum(-1) for layer, site in enumerate(sites)]  # (B, H) each
+    return p, torch.stack(est, 1)
 
 
 def atp_head_scores(
