@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from mechsteer import kv_cache
 from mechsteer.attribution.result import AttributionResult
-from mechsteer.fv.means import check_layers, check_mean_z, check_prompts
+from mechsteer.fv.means import check_layers, check_mean_z, check_prompts, naming
 from mechsteer.metrics import answer_prob
 from mechsteer.runs import (
     CPU_BUDGET_BYTES,
@@ -243,7 +243,7 @@ def aie(
     cie = torch.zeros(N, len(layers), H)
     p_corr = torch.zeros(N)
     reuse = _Reuse()
-    with timer() as t, torch.no_grad(), tqdm(total=n_fwd, desc=f"aie ({mode})", disable=not progress) as bar:
+    with timer() as t, naming("aie"), torch.no_grad(), tqdm(total=n_fwd, desc=f"aie ({mode})", disable=not progress) as bar:
         for idx, tokens in groups:
             tokens, answers = tokens.to(dev), corrupted.answers[idx].to(dev)
             if mode == "naive":

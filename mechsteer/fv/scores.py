@@ -40,7 +40,7 @@ from mechsteer.attribution.compare import spearman
 from mechsteer.attribution.lrp import attnlrp
 from mechsteer.attribution.result import AttributionResult
 from mechsteer.fv.indirect_effect import aie, aie_global
-from mechsteer.fv.means import check_mean_z, check_prompts
+from mechsteer.fv.means import check_mean_z, check_prompts, naming
 from mechsteer.metrics import answer_prob, answer_rank
 from mechsteer.runs import grad_at, timer
 from mechsteer.sites import hook_name, hooked
@@ -158,7 +158,7 @@ def atp_head_scores(
     est = torch.zeros(N, cfg.n_layers, cfg.n_heads)
     p_corr = torch.zeros(N)
     groups = list(corrupted.batches(batch_size))
-    with timer() as t:
+    with timer() as t, naming("atp_head_scores"):
         for idx, tokens in tqdm(groups, desc="atp heads", disable=not progress or len(groups) == 1):
             p, e = _atp_group(model, tokens.to(cfg.device), corrupted.answers[idx].to(cfg.device), mean_z)
             est[idx], p_corr[idx] = e.cpu(), p.cpu()
