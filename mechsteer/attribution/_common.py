@@ -12,7 +12,6 @@ from typing import Callable, Union
 
 from torch import Tensor
 
-from mechsteer.runs import timer  # noqa: F401 (fv imports it from here until it imports mechsteer.runs)
 from mechsteer.tasks.base import ContrastiveDataset
 
 Metric = Union[str, Callable[[Tensor, ContrastiveDataset], Tensor]]

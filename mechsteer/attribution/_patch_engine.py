@@ -43,7 +43,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechsteer.runs import PrefixKV, skip_blocks_below
-from mechsteer.runs import CPU_BUDGET_BYTES, skipping_works  # noqa: F401 (fv's AIE, until it imports mechsteer.runs)
 from mechsteer.sites import hook_name, hooked
 
 
