@@ -24,16 +24,12 @@ counts; hooks are removed on every exit path and must fire.
   sets z <- z + scale * mean_z[l,h] (paper 000's code), ``mode="replace"`` sets
   z <- z + scale * (mean_z[l,h] - z): scale 1 replaces z by the mean, 0 leaves it alone.
 
-Generation. The bridge's ``generate`` keeps a KV cache by default: its first forward sees
-the whole prompt, each later one only the newest token (seq length 1). The hooks steer
-the prompt's last position; with ``every_step=True`` they also steer each generated
-token's position. Todd et al.'s and paper 000's generation code (Table 2) add at index
--1 of every forward pass under Hugging Face's KV cache, i.e. ``every_step=True``. A
-forward is told apart from a cached step by the same layer's attention pattern
-(keys - queries = cached positions), so one-token prompts are steered too. Without a
-KV cache (``use_past_kv_cache=False``) every step re-runs the whole sequence as a fresh
-prompt and its last position (the newest token) is steered, as in every_step mode.
-``generate(return_cache=True)`` runs one extra forward, which is steered like a prompt.
+Both helpers are thin wrappers over the fixed-parameter interventions of
+``mechsteer.fv.vectors`` (``FunctionVector``, ``DistributedFV``), applied with
+``generation="auto"``: plain runs of any lengths are steered at their last position, and
+in ``model.generate`` the prompt's last position (with ``every_step=True`` each generated
+token's position too, as in Todd et al.'s and paper 000's Table 2 code). Cached and
+uncached generation steer the same positions (the base's one generation-step rule).
 
 >>> import torch
 >>> from mechsteer.tiny import tiny_model
@@ -50,16 +46,17 @@ prompt and its last position (the newest token) is steered, as in every_step mod
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from mechsteer.attribution.result import AttributionResult
-from mechsteer.sites import hook_name, hooked
+from mechsteer.fv.means import check_mean_z
+from mechsteer.fv.vectors import MODES, DistributedFV, FunctionVector, check_heads
 
-MODES = ("add", "replace")
+__all__ = ["MODES", "function_vector", "inject_dfv", "inject_fv", "top_heads"]
 
 
 def top_heads(scores: AttributionResult, k: int = 20, by: str = "pos") -> list[tuple[int, int]]:
@@ -91,25 +88,6 @@ def top_heads(scores: AttributionResult, k: int = 20, by: str = "pos") -> list[t
     return [(int(i) // n_heads, int(i) % n_heads) for i in order]
 
 
-def _check_heads(model, heads: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    heads = [(int(l), int(h)) for l, h in heads]
-    if not heads:
-        raise ValueError("heads is empty; give at least one (layer, head), e.g. from top_heads(scores, k).")
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    bad = [lh for lh in heads if not (0 <= lh[0] < L and 0 <= lh[1] < H)]
-    if bad:
-        raise ValueError(f"Heads {bad} are out of range: this model has layers 0..{L - 1}, heads 0..{H - 1}.")
-    if len(set(heads)) != len(heads):
-        raise ValueError(f"heads has duplicates: {heads}.")
-    return heads
-
-
-def _check_mean_z(model, mean_z: Tensor) -> None:
-    want = (model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head)
-    if tuple(mean_z.shape) != want:
-        raise ValueError(f"mean_z has shape {tuple(mean_z.shape)}; expected (layer, head, d_head) = {want}.")
-
-
 def function_vector(
     model, mean_z: Float[Tensor, "layer head d_head"], heads: Sequence[tuple[int, int]]
 ) -> Float[Tensor, " d_model"]:
@@ -123,8 +101,8 @@ def function_vector(
     >>> function_vector(model, torch.zeros(2, 4, 16), [(0, 0)]).shape
     torch.Size([64])
     """
-    _check_mean_z(model, mean_z)
-    heads = _check_heads(model, heads)
+    check_mean_z(model, mean_z)
+    heads = check_heads(heads, model.cfg.n_layers, model.cfg.n_heads)
     W_O = model.blocks[0].attn.W_O
     fv = torch.zeros(model.cfg.d_model, device=W_O.device, dtype=W_O.dtype)
     for l, h in heads:
@@ -133,37 +111,12 @@ def function_vector(
     return fv
 
 
-class _Steps:
-    """Which forward passes to steer: a prompt pass always, a cached decode step if asked.
-
-    The same layer's attention pattern (batch, head, query, key) fires before the steered
-    hook; key - query positions are the cached ones (0 for a prompt pass).
-    """
-
-    def __init__(self, every_step: bool):
-        self.every_step = every_step
-        self.cached: dict[int, int] = {}
-
-    def observe(self, layer: int):
-        def fn(pattern: Tensor, hook) -> None:
-            self.cached[layer] = pattern.shape[-1] - pattern.shape[-2]
-
-        return fn
-
-    def steer(self, layer: int) -> bool:
-        return self.every_step or self.cached.get(layer, 0) == 0
-
-    def hooks(self, model, layers: Sequence[int]) -> list:
-        return [(hook_name("pattern", l, model), self.observe(l)) for l in sorted(set(layers))]
-
-
 def _check_scale(scale) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float, got {type(scale).__name__}.")
     return float(scale)
 
 
-@contextlib.contextmanager
 def inject_fv(
     model,
     fv: Float[Tensor, " d_model"],
@@ -171,30 +124,19 @@ def inject_fv(
     scale: float | int = 1.0,
     *,
     every_step: bool = False,
-) -> Iterator[dict[str, int]]:
-    """Add scale * FV to the residual stream after block ``layer``, at the last position.
+) -> contextlib.AbstractContextManager[dict[str, int]]:
+    """Add scale * FV to the residual stream after block ``layer``, at the last position:
+    ``FunctionVector(fv, layer).apply(model, beta=scale)``, yielding ``hooked``'s call counts.
 
-    Hooks ``blocks.{layer}.hook_resid_post``. Generation: see the module docstring.
+    Hooks ``resid_post`` of ``layer``. Generation: see the module docstring.
     """
     scale = _check_scale(scale)
     if fv.shape != (model.cfg.d_model,):
         raise ValueError(f"fv has shape {tuple(fv.shape)}; expected (d_model,) = ({model.cfg.d_model},).")
-    name = hook_name("resid_post", layer, model)
-    steps = _Steps(every_step)
-    delta = scale * fv.detach()
-
-    def add(x: Tensor, hook) -> Tensor | None:  # (B, T, d_model)
-        if not steps.steer(layer):
-            return None
-        x = x.clone()
-        x[:, -1] += delta.to(x)
-        return x
-
-    with hooked(model, [*steps.hooks(model, [layer]), (name, add)]) as calls:
-        yield calls
+    iv = FunctionVector(fv, layer, n_layers=model.cfg.n_layers, every_step=every_step)
+    return iv.apply(model, scale)
 
 
-@contextlib.contextmanager
 def inject_dfv(
     model,
     mean_z: Float[Tensor, "layer head d_head"],
@@ -203,8 +145,9 @@ def inject_dfv(
     mode: str = "add",
     *,
     every_step: bool = False,
-) -> Iterator[dict[str, int]]:
-    """Distributed FV: re-inject mean_z[l,h] at each selected head's ``hook_z``, last position.
+) -> contextlib.AbstractContextManager[dict[str, int]]:
+    """Distributed FV: re-inject mean_z[l,h] at each selected head's ``z``, last position:
+    ``DistributedFV(mean_z, heads, mode=mode).apply(model, beta=scale)``.
 
     ``mode="add"``: z <- z + scale * mean_z[l,h]. ``mode="replace"``:
     z <- z + scale * (mean_z[l,h] - z) (scale 1: z = mean_z). Generation: module docstring.
@@ -218,31 +161,6 @@ def inject_dfv(
     (1, 1)
     """
     scale = _check_scale(scale)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-    _check_mean_z(model, mean_z)
-    heads = _check_heads(model, heads)
-    by_layer: dict[int, list[int]] = {}
-    for l, h in heads:
-        by_layer.setdefault(l, []).append(h)
-    steps = _Steps(every_step)
-    mean_z = mean_z.detach()
-
-    def make(l: int, hs: list[int]):
-        idx = torch.tensor(hs)
-        m = mean_z[l, idx]  # (n_sel, d_head)
-
-        def edit(z: Tensor, hook) -> Tensor | None:  # (B, T, n_heads, d_head)
-            if not steps.steer(l):
-                return None
-            z = z.clone()
-            i, target = idx.to(z.device), m.to(z)
-            last = z[:, -1, i]  # (B, n_sel, d_head)
-            z[:, -1, i] = last + scale * (target if mode == "add" else target - last)
-            return z
-
-        return edit
-
-    hooks = [(hook_name("z", l, model), make(l, hs)) for l, hs in sorted(by_layer.items())]
-    with hooked(model, [*steps.hooks(model, list(by_layer)), *hooks]) as calls:
-        yield calls
+    check_mean_z(model, mean_z)
+    iv = DistributedFV(mean_z, heads, d_model=model.cfg.d_model, mode=mode, every_step=every_step)
+    return iv.apply(model, scale)

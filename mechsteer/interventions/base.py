@@ -31,7 +31,10 @@ included; with "last" or a list it steers those positions of the prompt. Outside
 ``generation=True`` the strict rule stays: a position-bound intervention refuses a
 forward of any other length. Use one ``with`` block per ``generate`` call (a block tells a
 new prompt from a generation step by its length; a one-token prompt after a cached
-generation in the same block would pass for a cached step).
+generation in the same block would pass for a cached step). ``generation="auto"`` lifts
+that limit: runs outside ``model.generate`` are plain runs (any lengths), and each
+``generate`` call in the block gets the rule afresh. Fixed-parameter subclasses
+(``learnable = False``, e.g. ``mechsteer.fv.FunctionVector``) hold buffers, no ``params``.
 
 >>> from mechsteer.interventions import ActivScalar
 >>> from mechsteer.tiny import tiny_model
@@ -51,6 +54,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import functools
 import numbers
 from collections.abc import Iterator, Sequence
 
@@ -117,6 +121,7 @@ class Intervention(torch.nn.Module):
     """
 
     position_bound: bool = True
+    learnable: bool = True  # False: fixed values in buffers, no params (mechsteer.fv's FunctionVector)
 
     def __init__(
         self,
@@ -159,6 +164,8 @@ class Intervention(torch.nn.Module):
         gen = torch.Generator().manual_seed(seed)
         self.params = torch.nn.ParameterDict(
             {s: torch.nn.Parameter(torch.randn(self.param_shape(s), generator=gen) * init_std) for s in self.sites}
+            if self.learnable
+            else {}
         )
 
     def _check_positions(self, positions, n_pos):
@@ -188,17 +195,8 @@ class Intervention(torch.nn.Module):
     def for_model(cls, model, sites=("attn_out", "mlp_out"), layers=None, positions="all", n_pos=None, **kwargs):
         """Build for ``model``'s shapes (n_layers, d_model, n_heads, d_head from ``model.cfg``)."""
         cfg = model.cfg
-        return cls(
-            sites,
-            layers,
-            positions,
-            n_layers=cfg.n_layers,
-            d_model=cfg.d_model,
-            n_heads=cfg.n_heads,
-            d_head=cfg.d_head,
-            n_pos=n_pos,
-            **kwargs,
-        )
+        return cls(sites, layers, positions, n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads,
+                   d_head=cfg.d_head, n_pos=n_pos, **kwargs)
 
     # --- shapes -------------------------------------------------------------------
     @property
@@ -265,7 +263,19 @@ class Intervention(torch.nn.Module):
         state["prompt"] = n
         return "prompt"
 
-    def _hook(self, site: str, li: int, beta, generation: bool = False):
+    def _steer_step(self, site: str, li: int, x: Tensor, b: Tensor, step: str, n: int) -> Tensor:
+        """A generation forward under this intervention: ``step`` from ``_generation_step``,
+        ``n`` the prompt's length. Position-bound interventions steer the prompt's positions
+        (cached steps untouched), DynScalar with positions="all" every token."""
+        if step == "prompt":
+            return self._steer(site, li, x, b)
+        if not self.position_bound and self.positions == "all":
+            return self.edit(site, li, x, b)  # DynScalar: every token, generated ones too
+        if step == "cached":
+            return x
+        return torch.cat([self._steer(site, li, x[:, :n], b), x[:, n:]], dim=1)  # rerun: the prompt again
+
+    def _hook(self, site: str, li: int, beta, generation: bool = False, scope: dict[str, int] | None = None):
         state: dict[str, int] = {}  # generation: prompt length and last forward's length
 
         def fn(x: Tensor, hook) -> Tensor:
@@ -276,17 +286,16 @@ class Intervention(torch.nn.Module):
                 raise ValueError(
                     f"beta has shape {tuple(b.shape)}; expected a scalar or ({x.shape[0]},), one per prompt."
                 )
-            if not generation:
+            if scope is not None:  # generation="auto": the rule inside model.generate only
+                if not scope["active"]:
+                    return self._steer(site, li, x, b)
+                if state.get("call") != scope["call"]:  # a new generate call: forget the last one
+                    state.clear()
+                    state["call"] = scope["call"]
+            elif not generation:
                 return self._steer(site, li, x, b)
             step = self._generation_step(state, x.shape[1])
-            if step == "prompt":
-                return self._steer(site, li, x, b)
-            if not self.position_bound and self.positions == "all":
-                return self.edit(site, li, x, b)  # DynScalar: every token, generated ones too
-            if step == "cached":
-                return x
-            n = state["prompt"]  # rerun: steer the prompt's positions again
-            return torch.cat([self._steer(site, li, x[:, :n], b), x[:, n:]], dim=1)
+            return self._steer_step(site, li, x, b, step, state["prompt"])
 
         return fn
 
@@ -307,22 +316,27 @@ class Intervention(torch.nn.Module):
         beta: float | int | Float[Tensor, "*b"] = 1.0,
         *,
         check_fired: bool = True,
-        generation: bool = False,
+        generation: bool | str = False,
     ) -> Iterator[dict[str, int]]:
         """Run ``model`` steered at strength ``beta`` (a float or one per prompt) inside the block.
 
         ``generation=True`` for ``model.generate`` (see the module docstring: position-bound
-        interventions steer the prompt, DynScalar every token). Hooks are scoped and checked
+        interventions steer the prompt, DynScalar every token); ``"auto"``: plain runs and
+        ``model.generate`` calls in one block, each told apart. Hooks are scoped and checked
         by ``mechsteer.sites.hooked``; yields its call counts.
         """
+        if not (isinstance(generation, bool) or generation == "auto"):
+            raise ValueError(f"generation must be False, True or 'auto', got {generation!r}.")
         beta = check_beta(beta)
         self.check_model(model)
-        hooks = [
-            (hook_name(s, l, model), self._hook(s, li, beta, generation))
-            for s in self.sites
-            for li, l in enumerate(self.layers)
-        ]
-        with hooked(model, hooks, check_fired=check_fired) as calls:
+        with contextlib.ExitStack() as stack:
+            scope = stack.enter_context(_watch_generate(model)) if generation == "auto" else None
+            hooks = [
+                (hook_name(s, l, model), self._hook(s, li, beta, generation is True, scope))
+                for s in self.sites
+                for li, l in enumerate(self.layers)
+            ]
+            calls = stack.enter_context(hooked(model, hooks, check_fired=check_fired))
             yield calls
 
     def forward(
@@ -336,6 +350,34 @@ class Intervention(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"sites={self.sites}, layers={self.layers}, positions={self.positions!r}, n_pos={self.n_pos}, n_params={self.n_params}"
+
+
+@contextlib.contextmanager
+def _watch_generate(model) -> Iterator[dict[str, int]]:
+    """Inside the block, ``model.generate`` marks its forwards (``scope["active"]``) and numbers
+    its calls (``scope["call"]``): a wrapper in this instance's ``__dict__`` (the bridge
+    forwards ``setattr``), removed on exit; an outer block's wrapper is called through."""
+    scope = {"active": 0, "call": 0}
+    inner = model.generate  # the class's method, or an outer block's wrapper
+    saved = model.__dict__.get("generate")
+
+    @functools.wraps(inner)
+    def generate(*args, **kwargs):
+        scope["call"] += 1
+        scope["active"] += 1
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            scope["active"] -= 1
+
+    model.__dict__["generate"] = generate
+    try:
+        yield scope
+    finally:
+        if saved is None:
+            model.__dict__.pop("generate", None)
+        else:
+            model.__dict__["generate"] = saved
 
 
 def steer(
