@@ -44,6 +44,11 @@ def test_accuracy_rows_timing_and_files(run, tmp_path):
     assert all(v > 0 for v in r.samples_per_minute.values())
     path = r.write(tmp_path / "out")
     assert json.loads(path.read_text())["tasks"] == ["capitalize", "antonym"]
+    written = {p.name for p in path.parent.iterdir()}
+    assert {"accuracy.csv", "instructions.csv", "layer_sweep.csv", "head_scores.csv", "head_agreement.csv",
+            "example.csv", "figures.html", "summary.json"} <= written
+    page = (path.parent / "figures.html").read_text()
+    assert page.count('<div class="fig">') == len(r.figures()) == 3
     assert live_hooks(model) == []
 
 

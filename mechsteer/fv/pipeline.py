@@ -37,16 +37,26 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
+from mechsteer import _io
 from mechsteer._validate import finite_float, nonneg_int, positive_int
+from mechsteer.attribution.compare import compare
 from mechsteer.attribution.result import AttributionResult
+from mechsteer.fv.evaluate import (
+    best_layer,
+    compare_injections,
+    fv_layer_sweep,
+    steered_continuations,
+)
 from mechsteer.fv.indirect_effect import aie, aie_global
-from mechsteer.fv.evaluate import best_layer, compare_injections, fv_layer_sweep, steered_continuations
 from mechsteer.fv.inject import function_vector, inject_dfv, inject_fv, top_heads
 from mechsteer.fv.means import mean_head_z
+from mechsteer.fv.plots import accuracy_figure, head_scores_figure, sweep_figure
 from mechsteer.fv.scores import atp_head_scores, lrp_head_scores, rank_correlation
+from mechsteer.plots import figures_page
 from mechsteer.tasks.fv import (
     FV_TASKS,
     FVPrompts,
@@ -174,20 +184,30 @@ class FVRun:
             out["example"] = self.example.to_dict(orient="records")
         return out
 
-    def write(self, out: str | Path) -> Path:
-        """``figures.html`` (head heatmaps, accuracy, layer sweep, example), CSV tables
-        (accuracy, instruction accuracy, layer sweep, head scores) and ``summary.json``."""
-        from mechsteer import _io
-        from mechsteer.report import Report, fv_section
+    def figures(self) -> dict[str, go.Figure]:
+        """Head scores of the selection methods side by side, zero-shot accuracy per task,
+        and the FV layer sweep (when FV was injected)."""
+        figs = {"head_scores": head_scores_figure(self.global_scores, self.config.k, len(self.tasks)),
+                "accuracy": accuracy_figure(self.accuracy)}
+        if len(self.sweep):
+            figs["layer_sweep"] = sweep_figure(self.sweep)
+        return figs
 
+    def write(self, out: str | Path) -> Path:
+        """``figures.html`` (``figures()``), CSV tables (accuracy, instruction accuracy, layer
+        sweep, head scores, head agreement, the example continuations) and ``summary.json``;
+        returns its path."""
         out = Path(out)
         _io.write_text(out / "accuracy.csv", self.accuracy.to_csv(index=False))
         _io.write_text(out / "instructions.csv", self.table.to_csv(index=False))
         _io.write_text(out / "layer_sweep.csv", self.sweep.to_csv(index=False))
         _io.write_text(out / "head_scores.csv", head_frame(self.global_scores).to_csv(index=False))
-        report = Report("mechsteer function vectors")
-        report.add(fv_section(self))
-        _io.write_text(out / "figures.html", report.to_html())
+        if len(self.global_scores) > 1:  # Spearman and top-k Jaccard of every pair of methods
+            cmp = compare(list(self.global_scores.values()), k=self.config.k, names=list(self.global_scores))
+            _io.write_text(out / "head_agreement.csv", cmp.pairs.to_csv(index=False))
+        if self.example is not None:
+            _io.write_text(out / "example.csv", self.example.to_csv(index=False))
+        _io.write_text(out / "figures.html", figures_page("mechsteer function vectors", list(self.figures().values())))
         return _io.write_json(out / "summary.json", self.summary())
 
 

@@ -1,4 +1,5 @@
-"""Figures of the function-vector pipeline: accuracy per task and injection, FV layer sweep.
+"""Figures of the function-vector pipeline: head scores, accuracy per task and injection,
+FV layer sweep (``FVRun.figures()``, saved by ``FVRun.write`` as ``figures.html``).
 
 The head heatmaps side by side are ``mechsteer.attribution.compare`` of the global
 (layer, head) scores, so they share one colour scale and report top-k overlaps.
@@ -14,6 +15,9 @@ from __future__ import annotations
 
 import pandas as pd
 import plotly.graph_objects as go
+
+from mechsteer.attribution.compare import compare
+from mechsteer.attribution.result import AttributionResult
 
 
 def accuracy_figure(accuracy: pd.DataFrame, heads: str = "global", metric: str = "top1") -> go.Figure:
@@ -38,3 +42,13 @@ def sweep_figure(sweep: pd.DataFrame, metric: str = "top1") -> go.Figure:
     fig.update_layout(title=f"FV injection layer sweep (validation {metric}, mean over tasks)",
                       xaxis_title="layer", yaxis=dict(title=metric, range=[0, 1]), height=380)
     return fig
+
+
+def head_scores_figure(scores: dict[str, AttributionResult], k: int, n_tasks: int) -> go.Figure:
+    """The (layer, head) scores of each selection method side by side (one colour scale);
+    one method alone is drawn on its own."""
+    names = list(scores)
+    if len(names) == 1:
+        return scores[names[0]].plot(title=f"Global {names[0]} head scores over {n_tasks} tasks")
+    title = f"Global head scores over {n_tasks} tasks (top-{k} overlap in head_agreement.csv)"
+    return compare([scores[m] for m in names], k=k, names=names, title=title).figure
