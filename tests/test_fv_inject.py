@@ -34,7 +34,7 @@ def _prompts(model, texts=TEXTS, answers=None):
 
     Built without FVPrompts.__init__: its ``list[Int[Tensor, " pos"]]`` annotation binds one
     ``pos`` for the whole list under the suite's jaxtyping checks, so prompts of different
-    lengths are refused until it reads ``" _pos"`` (reported to the owner of tasks/fv.py).
+    lengths are refused until it reads ``" _pos"`` (reported to the owner of tasks/fv/prompts.py).
     """
     toks = [model.to_tokens(t)[0] for t in texts]
     n = len(texts)
