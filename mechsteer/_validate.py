@@ -16,6 +16,9 @@ FloatingPointError: DLA scores: 1 of 2 values are NaN or infinite (first at inde
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import math
 import numbers
 
@@ -71,3 +74,13 @@ def check_finite(where: str, x: Tensor) -> Tensor:
             "gives this); mechsteer stops here rather than pass the NaN on."
         )
     return x
+
+
+@contextlib.contextmanager
+def naming(who: str) -> Iterator[None]:
+    """Inside the block, a FloatingPointError (a metric came out NaN or infinite, e.g. from
+    a NaN weight) is re-raised with ``who`` (the method the user called) named first."""
+    try:
+        yield
+    except FloatingPointError as err:
+        raise FloatingPointError(f"{who}: {err}") from err

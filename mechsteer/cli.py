@@ -107,21 +107,13 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     ds = make_task(args.task, model, n=args.n, seed=args.seed)
     _log(f"{args.task}: {len(ds)} prompts of {ds.n_pos} tokens; methods {methods}")
     suite = run_suite(model, ds, methods, direction=args.direction)
-    out = Path(args.out)
-    _io.write_text(out / "scores.csv", suite.frame().to_csv(index=False))
-    _io.write_text(out / "costs.csv", suite.costs().to_csv(index=False))
-    if suite.comparisons:
-        pairs = [c.pairs.assign(grid=g) for g, c in suite.comparisons.items()]
-        import pandas as pd
-
-        _io.write_text(out / "agreement.csv", pd.concat(pairs, ignore_index=True).to_csv(index=False))
+    out = suite.write(args.out)  # data: scores.csv, costs.csv, agreement.csv, figures.html, summary.json
     report = Report(f"mechsteer attribution: {args.task} on {model.cfg.model_name}")
     report.add(attribution_section([suite]))
-    _io.write_text(out / "index.html", report.to_html())  # all figures, plotly.js inlined
-    _io.write_json(out / "summary.json", {"task": args.task, "model": model.cfg.model_name, **suite.summary()})
+    _io.write_text(out / "index.html", report.to_html())  # the report: all figures, plotly.js inlined
     for m, fe in suite.forward_equivalents.items():
         _log(f"{m:<9} {suite.seconds[m]:8.2f} s  {fe:7.2f} forward-equivalents")
-    _log(f"wrote {out / 'index.html'}, scores.csv, costs.csv, agreement.csv, summary.json")
+    _log(f"wrote {out / 'index.html'}, figures.html, scores.csv, costs.csv, agreement.csv, summary.json")
     return 0
 
 

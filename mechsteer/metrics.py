@@ -65,6 +65,12 @@ def _ids(
     return ids
 
 
+def _wide(x: Tensor) -> Tensor:
+    """``x`` in float32, or its own dtype when wider (float64 stays float64): softmax of
+    half-precision logits is computed in float32, float64 checks keep their precision."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _reduce(x: Float[Tensor, " batch"], reduce: Reduce) -> Tensor:
     if reduce == "mean":
         return x.mean()
@@ -94,15 +100,15 @@ def logit_diff(
 def answer_prob(logits: Logits, answer: Int[Tensor, " batch"], *, pos=-1, reduce: Reduce = "mean") -> Tensor:
     """softmax(f)_a at ``pos``."""
     f = last_logits(logits, pos)
-    p = f.float().softmax(-1)
+    p = _wide(f).softmax(-1)
     pa = p[torch.arange(f.shape[0], device=f.device), _ids(answer, f.shape[0], f.device, "answer", f.shape[1])]
     return check_finite("answer_prob", _reduce(pa, reduce))
 
 
 def kl_div(p_logits: Logits, q_logits: Logits, *, pos=-1, reduce: Reduce = "mean") -> Tensor:
     """KL(softmax(f_p) || softmax(f_q)) over the vocabulary, at ``pos`` (>= 0, 0 iff equal)."""
-    lp = last_logits(p_logits, pos).float().log_softmax(-1)
-    lq = last_logits(q_logits, pos).float().log_softmax(-1)
+    lp = _wide(last_logits(p_logits, pos)).log_softmax(-1)
+    lq = _wide(last_logits(q_logits, pos)).log_softmax(-1)
     return check_finite("kl_div", _reduce(F.kl_div(lq, lp, log_target=True, reduction="none").sum(-1), reduce))
 
 

@@ -20,7 +20,7 @@ PKG = Path(__file__).resolve().parents[1] / "mechsteer"
 MAX_LINES = 400
 METHOD_PACKAGES = ("attribution", "interventions", "fv", "tasks")
 PRESENTATION = {"mechsteer.report", "mechsteer.cli", "mechsteer.demo", "mechsteer._cli_args"}
-HOOK_RE = re.compile(r"(hook_[a-z_]+|\bblocks\.\{|\bblocks\.\d+\.|ln_final\.|unembed\.hook)")
+HOOK_RE = re.compile(r"(\bhook_(?!name\b)[a-z_]+|\bblocks\.\{|\bblocks\.\d+\.|ln_final\.|unembed\.hook)")
 SITE_MODULES = {"mechsteer/sites.py"}
 
 

@@ -47,7 +47,8 @@ from tqdm.auto import tqdm
 
 from mechsteer import kv_cache
 from mechsteer.attribution.result import AttributionResult
-from mechsteer.fv.means import check_layers, check_mean_z, check_prompts, naming
+from mechsteer._validate import naming
+from mechsteer.fv.means import check_layers, check_mean_z, check_prompts
 from mechsteer.metrics import answer_prob
 from mechsteer.runs import (
     CPU_BUDGET_BYTES,

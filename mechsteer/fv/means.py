@@ -23,8 +23,7 @@ The helpers here (``last_z``, the checks) are shared by the head scores in
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -85,16 +84,6 @@ def check_layers(model, layers: Sequence[int] | None) -> list[int]:
     if not out or out[0] < 0 or out[-1] >= n:
         raise ValueError(f"layers must be a non-empty list of layers in 0..{n - 1}, got {list(layers)!r}.")
     return out
-
-
-@contextlib.contextmanager
-def naming(who: str) -> Iterator[None]:
-    """Inside the block, a metric's FloatingPointError (P(answer) NaN or infinite, e.g. from
-    a NaN weight) is re-raised with the method ``who`` named first."""
-    try:
-        yield
-    except FloatingPointError as err:
-        raise FloatingPointError(f"{who}: {err}") from err
 
 
 def last_z(model, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch layer head d_head"]:

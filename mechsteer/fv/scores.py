@@ -40,7 +40,8 @@ from mechsteer.attribution.compare import spearman
 from mechsteer.attribution.lrp import attnlrp
 from mechsteer.attribution.result import AttributionResult
 from mechsteer.fv.indirect_effect import aie, aie_global
-from mechsteer.fv.means import check_mean_z, check_prompts, naming
+from mechsteer._validate import naming
+from mechsteer.fv.means import check_mean_z, check_prompts
 from mechsteer.metrics import answer_prob, answer_rank
 from mechsteer.runs import grad_at, timer
 from mechsteer.sites import hook_name, hooked

@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechsteer._validate import check_finite, finite_float, positive_int
+from mechsteer._validate import naming, check_finite, finite_float, positive_int
 from mechsteer.interventions.base import Intervention
 from mechsteer.interventions.objective import (
     clean_last_logits,
@@ -101,7 +101,8 @@ def evaluate(model, intervention: Intervention, ds, batch_size: int = 32) -> dic
     device = next(model.parameters()).device
     intervention.to(device)
     tokens, correct, wrong = (t.to(device) for t in (ds.tokens, ds.correct, ds.wrong))
-    e0, f = mean_e0_f(model, intervention, tokens, correct, wrong, batch_size=batch_size)
+    with naming("evaluate"):
+        e0, f = mean_e0_f(model, intervention, tokens, correct, wrong, batch_size=batch_size)
     check_finite("evaluate: effectiveness E_0 and faithfulness F", torch.tensor([e0, f]))
     out: dict[str, float | int] = {
         "effectiveness": e0,

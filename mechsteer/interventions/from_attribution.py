@@ -68,7 +68,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from mechsteer._validate import check_finite, finite_float, nonneg_int, positive_int
+from mechsteer._validate import check_finite, naming, finite_float, nonneg_int, positive_int
 from mechsteer.attribution.result import AttributionResult
 from mechsteer.interventions.base import Intervention
 from mechsteer.interventions.evaluate import evaluate_splits, mean_e0_f
@@ -173,7 +173,8 @@ def scalars_from_result(
 
 def _measure(model, iv: Intervention, data: tuple, b: float, batch_size: int) -> tuple[float, float]:
     """(E_0, F) of ``iv`` with every alpha scaled by ``b`` (run at beta = +-b)."""
-    e, f = mean_e0_f(model, iv, *data, batch_size=batch_size, strength=b)
+    with naming("fit_beta"):
+        e, f = mean_e0_f(model, iv, *data, batch_size=batch_size, strength=b)
     check_finite(f"fit_beta: E_0 and F at beta = {b:g}", torch.tensor([e, f]))
     return e, f
 
