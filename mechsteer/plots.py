@@ -212,6 +212,14 @@ def heatmap_grid(
     return fig
 
 
+def attention_patterns(model, prompt, layer: int, heads: Sequence[int] | None = None, *, prompt_index: int = 0) -> go.Figure:
+    """Attention patterns of ``layer`` on one prompt (query x key, token labels, head selector);
+    runs one forward. See ``mechsteer.views.attention_patterns``."""
+    from mechsteer.views import attention_patterns as draw
+
+    return draw(model, prompt, layer, heads, prompt_index=prompt_index)
+
+
 def figures_page(title: str, figures: Sequence[go.Figure]) -> str:
     """A standalone HTML page showing ``figures`` in order (plotly.js inlined once, so it
     opens offline): what a run's ``.write(out)`` saves as ``figures.html``."""

@@ -75,6 +75,12 @@ class Comparison:
     def _repr_html_(self) -> str:  # Jupyter shows the pair table
         return self.pairs.to_html(index=False)
 
+    def _ipython_display_(self) -> None:  # Jupyter: the pair table, then the figure
+        from IPython.display import HTML, display
+
+        display(HTML(self._repr_html_()))
+        display(self.figure)
+
 
 def compare(
     results: Sequence[AttributionResult],

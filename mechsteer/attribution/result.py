@@ -167,6 +167,43 @@ class AttributionResult:
             zmax=zmax,
         )
 
+    def token_view(self, *, prompt: int | None = None, tokens: Sequence[str] | None = None, zmax: float | None = None, title: str | None = None):
+        """Scores drawn on the prompt's tokens (HTML, zero-centred, hover for the value).
+
+        Needs a ``pos`` axis: ``("pos",)`` gives one coloured line, ``(X, "pos")`` one line per
+        X (layer, head, site). ``prompt=i`` draws prompt i's own scores (results kept with
+        ``per_prompt=True``); pass its ``tokens`` (``ds.str_tokens[i]``), since position labels
+        are the first prompt's.
+
+        >>> r = AttributionResult(torch.tensor([0.2, -1.0, 0.5]), ("pos",), "attnlrp", labels={"pos": ["0:A", "1: B", "2: C"]})
+        >>> r.token_view().html.count("class='ms-tok'")
+        3
+        """
+        from mechsteer.views import token_html
+
+        self._axis("pos")
+        values = self.scores
+        if prompt is not None:
+            if self.per_prompt is None:
+                raise ValueError("token_view(prompt=...) needs per-prompt scores; rerun the method with per_prompt=True.")
+            n = self.per_prompt.shape[0]
+            if isinstance(prompt, bool) or not isinstance(prompt, numbers.Integral) or not -n <= prompt < n:
+                raise ValueError(f"token_view(prompt={prompt!r}): give a prompt index in 0..{n - 1}.")
+            values = self.per_prompt[int(prompt)]
+        if len(self.axes) > 2:
+            raise ValueError(f"token_view draws (pos,) or (X, pos) scores; this result has axes {self.axes}: select() or sum() first.")
+        d = self.axes.index("pos")
+        z = values.numpy() if d == len(self.axes) - 1 else values.numpy().T
+        other = [a for a in self.axes if a != "pos"]
+        rows = [f"{other[0]} {x}" for x in self.axis_labels(other[0])] if other else None
+        toks = list(tokens) if tokens is not None else self.axis_labels("pos")
+        return token_html(z, toks, row_labels=rows, zmax=zmax, title=title if title is not None else f"{self.method}: {self.metric}")
+
+    def _repr_html_(self) -> str:  # Jupyter: the scores on the tokens, or a coloured grid
+        from mechsteer.views import result_html
+
+        return result_html(self)
+
     def __repr__(self) -> str:
         shape = ", ".join(f"{a}={n}" for a, n in zip(self.axes, self.scores.shape))
         return f"AttributionResult(method={self.method!r}, metric={self.metric!r}, {shape}, seconds={self.seconds:.3g})"
