@@ -59,7 +59,7 @@ def test_unknown_method_is_a_clear_error(tiny_llama):
 def test_cli_attribute_writes_tables_figures_and_summary(tmp_path):
     out = tmp_path / "att"
     assert main(["attribute", "--task", "ioi", "--methods", "atp,dla", "--n", "3", "--model", "tiny-gpt2", "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["agreement.csv", "costs.csv", "index.html", "scores.csv", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["agreement.csv", "costs.csv", "figures.html", "index.html", "scores.csv", "summary.json"]
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["methods"]) == {"atp", "dla"}
     assert {"seconds", "forward_equivalents"} <= set(summary["methods"]["atp"])
