@@ -48,50 +48,19 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
 from mechsteer import runs
 from mechsteer._validate import check_finite
-from mechsteer.attribution._common import Metric, check_dataset
+from mechsteer.attribution import _atp_core as core
+from mechsteer.attribution._common import Metric
 from mechsteer.attribution.result import AttributionResult
-from mechsteer.metrics import check_metric_output, check_metric_values, per_prompt_metric, resolve_metric
-from mechsteer.sites import check_sites, sites_for
+from mechsteer.sites import sites_for
 from mechsteer.tasks.base import ContrastiveDataset
 
 ATP_SITES = sites_for("patch")
-DIRECTIONS = ("noising", "denoising")
-
-
-def _metric_values(logits: Tensor, ds: ContrastiveDataset, metric) -> Tensor:
-    """Per-prompt values ``(B,)`` of the default metric (differentiated as their sum, so
-    each prompt keeps its own gradient), or the custom metric's scalar."""
-    if metric is None:
-        return per_prompt_metric(logits, ds)  # (B,)
-    return check_metric_output(metric(logits, ds), name="custom metric")
-
-
-def _grad_pass(model, tokens: Tensor, keys: list, ds, metric) -> tuple[dict, dict, Tensor]:
-    """Forward+backward on ``tokens``: activations and d(metric)/d(activation) at ``keys``."""
-    values, acts, grads = runs.grad_at(model, tokens, keys, lambda logits: _metric_values(logits, ds, metric))
-    return acts, grads, values
-
-
-@torch.no_grad()
-def _cache_pass(model, tokens: Tensor, keys: list, ds, metric) -> tuple[dict, Tensor]:
-    """Plain forward on ``tokens``, storing the activations at ``keys`` only."""
-    logits, acts = runs.cache_at(model, tokens, keys)
-    return acts, _metric_values(logits, ds, metric)
-
-
-def _gap(clean: Tensor, corrupted: Tensor, what: str) -> Tensor:
-    gap = clean - corrupted
-    if (gap.abs() < 1e-8).any():
-        raise ValueError(
-            f"Cannot normalise AtP scores: the clean and corrupted {what} are equal "
-            f"(clean {clean.tolist()}, corrupted {corrupted.tolist()}); the task does not separate them."
-        )
-    return gap
+DIRECTIONS = core.DIRECTIONS
+VARIANTS = ("atp", "atp*", "ig")  # plain, AtP* (QK fix + GradDrop, atp_star.py), path-integrated (atp_ig.py)
 
 
 def attribution_patching_all(
@@ -102,6 +71,8 @@ def attribution_patching_all(
     direction: str = "noising",  # "noising" | "denoising" (str, so a typo gets our ValueError)
     metric: Metric | None = "logit_diff",
     per_prompt: bool = False,
+    variant: str = "atp",  # "atp" | "atp*" (atp_star.py) | "ig" (atp_ig.py)
+    steps: int = 4,  # variant="ig" only: points on the path
 ) -> dict[str, AttributionResult]:
     """AtP scores of every site in ``sites`` from one forward+backward and one forward.
 
@@ -115,6 +86,11 @@ def attribution_patching_all(
     plain mean), as activation patching does. Every result's ``seconds`` is the time of
     the shared run; ``meta`` holds the direction and the clean and corrupted metric values.
 
+    ``variant="atp*"`` runs ``atp_star.atp_star_all`` (QK fix and GradDrop, Kramár et al.
+    2024; sites ``attn_out``, ``mlp_out``, ``z``, ``q``, ``k``) and ``variant="ig"`` runs
+    ``atp_ig.atp_ig_all`` with ``steps`` gradients along the clean-to-corrupted path; same
+    result type, scale and direction.
+
     >>> from mechsteer.tiny import tiny_model
     >>> from mechsteer.tasks import ioi
     >>> model = tiny_model("gpt2"); ds = ioi(model, n=4)
@@ -122,68 +98,47 @@ def attribution_patching_all(
     >>> out["attn_out"].axes, out["z"].axes
     (('layer', 'pos'), ('layer', 'head', 'pos'))
     """
-    check_dataset(ds, model=model)
-    sites = check_sites(sites, ATP_SITES, name="sites")
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be 'noising' or 'denoising', got {direction!r}.")
-    metric, metric_name = resolve_metric(metric)
-    if per_prompt and metric is not None:
-        raise ValueError("per_prompt=True needs the default metric (per-prompt logit difference); drop metric=.")
-    device = model.cfg.device
-    ds = ds.to(device)
-    layers = range(model.cfg.n_layers)
-    names = {s: [(s, layer) for layer in layers] for s in sites}
-    flat = [n for s in sites for n in names[s]]
-    base, other = (ds.tokens, ds.corrupted_tokens) if direction == "noising" else (ds.corrupted_tokens, ds.tokens)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}.")
+    if variant == "atp*":
+        from mechsteer.attribution.atp_star import atp_star_all
+
+        return atp_star_all(model, ds, sites=sites, direction=direction, metric=metric)
+    if variant == "ig":
+        from mechsteer.attribution.atp_ig import atp_ig_all
+
+        return atp_ig_all(model, ds, sites=sites, direction=direction, metric=metric, per_prompt=per_prompt,
+                          steps=steps)
+    run = core.setup(model, ds, sites, ATP_SITES, direction, metric, per_prompt)
+    names = {s: [(s, layer) for layer in range(model.cfg.n_layers)] for s in run.sites}
+    flat = [n for s in run.sites for n in names[s]]
 
     with runs.timer() as t:
-        acts, grads, m_base = _grad_pass(model, base, flat, ds, metric)
-        acts_other, m_other = _cache_pass(model, other, flat, ds, metric)
-        m_clean, m_corr = (m_base, m_other) if direction == "noising" else (m_other, m_base)
-        check_metric_values("attribution_patching", m_clean, m_corr)
-        sign = -1.0 if direction == "noising" else 1.0
+        m_base, acts, grads = runs.grad_at(model, run.base, flat, run.values)
+        with torch.no_grad():
+            logits, acts_other = runs.cache_at(model, run.other, flat)
+        m_clean, m_corr = run.clean_corr(m_base, run.values(logits), "attribution_patching")
         out: dict[str, tuple[Tensor, Tensor | None]] = {}
-        for s in sites:
+        for s in run.sites:
             # first-order change of the (per-prompt or custom) metric, per prompt and cell
             # (B, L, pos), or (B, L, H, pos) for z
-            raw = torch.stack([_dot(grads[n], acts_other[n] - acts[n]) for n in names[s]], 1)
-            if metric is None:
-                total = raw.mean(0)  # d(mean metric) = mean of per-prompt changes
-                scores = sign * total / _gap(m_clean.mean(), m_corr.mean(), "mean logit differences")
-            else:
-                scores = sign * raw.sum(0) / _gap(m_clean, m_corr, "metric values")
-            pp = None
-            if per_prompt:
-                gap = _gap(m_clean, m_corr, "logit differences of some prompts")
-                pp = sign * raw / gap.reshape(-1, *[1] * (raw.ndim - 1))
+            raw = torch.stack([core.dot(grads[n], acts_other[n] - acts[n]) for n in names[s]], 1)
+            scores, pp = run.normalise(raw, m_clean, m_corr, per_prompt)
             out[s] = (check_finite(f"attribution_patching: scores at site {s!r}", scores), pp)
-    meta = {
-        "direction": direction,
-        "clean_metric": float(m_clean.mean()),
-        "corrupted_metric": float(m_corr.mean()),
-        "sites_in_run": list(sites),
-    }
+    meta = run.meta(m_clean, m_corr)
     return {
         s: AttributionResult(
             scores=scores,
             axes=("layer", "head", "pos") if s == "z" else ("layer", "pos"),
             method="atp",
-            metric=metric_name,
-            labels={"pos": ds.labels},
+            metric=run.metric_name,
+            labels={"pos": run.ds.labels},
             seconds=t["seconds"],
             per_prompt=pp,
             meta={**meta, "site": s},
         )
         for s, (scores, pp) in out.items()
     }
-
-
-def _dot(
-    grad: Float[Tensor, "batch pos *feat"], diff: Float[Tensor, "batch pos *feat"]
-) -> Float[Tensor, "batch *cells"]:
-    """grad . diff over the last (feature) axis; heads move in front of positions."""
-    d = (grad * diff).sum(-1)  # (B, pos) or (B, pos, H)
-    return d.transpose(1, 2) if d.ndim == 3 else d  # (B, H, pos)
 
 
 def attribution_patching(
@@ -194,8 +149,11 @@ def attribution_patching(
     direction: str = "noising",
     metric: Metric | None = "logit_diff",
     per_prompt: bool = False,
+    variant: str = "atp",
+    steps: int = 4,
 ) -> AttributionResult:
     """AtP scores of one site; see ``attribution_patching_all`` and the module docstring.
+    ``variant="atp*"`` (QK fix + GradDrop) or ``"ig"`` (``steps`` path points) as there.
 
     >>> from mechsteer.tiny import tiny_model
     >>> from mechsteer.tasks import ioi
@@ -210,5 +168,6 @@ def attribution_patching(
             f"attribution_patching_all(model, ds, sites=[...]) (sites {list(ATP_SITES)})."
         )
     return attribution_patching_all(
-        model, ds, sites=(site,), direction=direction, metric=metric, per_prompt=per_prompt
+        model, ds, sites=(site,), direction=direction, metric=metric, per_prompt=per_prompt, variant=variant,
+        steps=steps,
     )[site]
