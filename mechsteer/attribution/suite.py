@@ -1,6 +1,7 @@
 """Run several attribution methods on one dataset, on shared grids, with their costs.
 
-Three grids every method can fill:
+Three grids every method can fill (AtP* fills "heads" with GradDrop on whole heads;
+``false_negatives()`` scores atp, atp* and atp-ig against patching):
 
 - ``heads``: layer x head (patching each head's z at all positions; AtP on z summed over
   positions; DLA per head; AttnLRP relevance on each head's attention weights from the
@@ -25,15 +26,19 @@ from typing import Sequence
 from mechsteer._validate import positive_int
 from mechsteer.attribution._common import check_dataset
 from mechsteer.attribution.atp import attribution_patching_all
+from mechsteer.attribution.atp_ig import atp_ig_all
+from mechsteer.attribution.atp_star import atp_star_all
 from mechsteer.attribution.compare import Comparison, compare
 from mechsteer.attribution.dla import direct_logit_attribution_all
 from mechsteer.attribution.lrp import attnlrp
 from mechsteer.attribution.patching import activation_patching
+from mechsteer.attribution.recall import false_negatives
 from mechsteer.attribution.result import AttributionResult
 from mechsteer.runs import plain_forward_seconds
 from mechsteer.tasks.base import ContrastiveDataset
 
-METHODS = ("patching", "atp", "dla", "attnlrp")
+METHODS = ("patching", "atp", "atp*", "atp-ig", "dla", "attnlrp")
+IG_STEPS = 4  # points on the path for method "atp-ig"
 GRIDS = ("heads", "attn_out", "mlp_out")
 
 
@@ -49,6 +54,17 @@ def _atp(model, ds, direction, progress):
     return {"heads": res["z"].sum("pos"), "attn_out": res["attn_out"], "mlp_out": res["mlp_out"]}, res["z"].seconds
 
 
+def _atp_star(model, ds, direction, progress):
+    # head_totals: GradDrop combines whole-head estimates (a head is one node of the heads grid)
+    res = atp_star_all(model, ds, sites=("attn_out", "mlp_out", "z"), direction=direction, head_totals=True)
+    return {"heads": res["z"], "attn_out": res["attn_out"], "mlp_out": res["mlp_out"]}, res["z"].seconds
+
+
+def _atp_ig(model, ds, direction, progress):
+    res = atp_ig_all(model, ds, sites=("attn_out", "mlp_out", "z"), direction=direction, steps=IG_STEPS)
+    return {"heads": res["z"].sum("pos"), "attn_out": res["attn_out"], "mlp_out": res["mlp_out"]}, res["z"].seconds
+
+
 def _dla(model, ds, direction, progress):
     res = direct_logit_attribution_all(model, ds, sites=("z", "attn_out", "mlp_out"))
     return {"heads": res["z"], "attn_out": res["attn_out"], "mlp_out": res["mlp_out"]}, res["z"].seconds
@@ -61,7 +77,8 @@ def _attnlrp(model, ds, direction, progress):
     return out, sites.seconds
 
 
-RUNNERS = {"patching": _patching, "atp": _atp, "dla": _dla, "attnlrp": _attnlrp}
+RUNNERS = {"patching": _patching, "atp": _atp, "atp*": _atp_star, "atp-ig": _atp_ig, "dla": _dla, "attnlrp": _attnlrp}
+ESTIMATES = ("atp", "atp*", "atp-ig")  # methods whose false negatives against patching the suite reports
 
 
 @dataclass
@@ -110,6 +127,20 @@ class Suite:
 
         return pd.concat([c.pairs.assign(grid=g) for g, c in self.comparisons.items()], ignore_index=True)
 
+    def false_negatives(self, ks: Sequence[int] = (10, 20)):
+        """Per grid, estimate (atp, atp*, atp-ig, those run) and k: how many of the true
+        top-k locations by exact patching the estimate misses in its own top-k, and the
+        rank it gives each (``recall.false_negatives``). Empty without "patching"."""
+        import pandas as pd
+
+        frames = [
+            false_negatives(by["patching"], by[m], ks=ks).assign(grid=g, method=m)
+            for g, by in self.results.items() if "patching" in by
+            for m in ESTIMATES if m in by
+        ]
+        cols = ["grid", "method", "k", "missed", "worst_rank", "ranks", "locations"]
+        return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
+
     def figures(self) -> list:
         """The methods side by side on each grid (one method: its own heatmaps)."""
         if self.comparisons:
@@ -118,7 +149,8 @@ class Suite:
 
     def write(self, out: str | Path) -> Path:
         """Write ``scores.csv``, ``costs.csv``, ``agreement.csv`` (two methods or more),
-        ``figures.html`` and ``summary.json`` into ``out`` (each file atomically); returns ``out``."""
+        ``figures.html`` and ``summary.json`` (with the false negatives of atp, atp* and
+        atp-ig against patching) into ``out`` (each file atomically); returns ``out``."""
         from mechsteer import _io
         from mechsteer.plots import figures_page
 
@@ -143,6 +175,10 @@ class Suite:
             "methods": {m: {"seconds": s, "forward_equivalents": fe[m]} for m, s in self.seconds.items()},
             "spearman": {g: c.spearman.to_dict() for g, c in self.comparisons.items()},
             "jaccard_top_k": {g: c.jaccard.to_dict() for g, c in self.comparisons.items()},
+            "false_negatives": {
+                f"{r.grid}/{r.method}/top{r.k}": {"missed": r.missed, "worst_rank": r.worst_rank, "ranks": r.ranks}
+                for r in self.false_negatives().itertuples()
+            },
         }
 
 
