@@ -13,6 +13,8 @@
 #                      non-integration tests
 #   make lock          resolve the newest allowed versions in a scratch venv, run the
 #                      whole suite there, and only if it passes write constraints.txt
+#   make docs          the documentation site (mkdocs, strict, offline) -> site/
+#   make browser       Chromium + chromedriver from Debian for tests/test_browser.py (root + apt)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -23,7 +25,7 @@ STAMP  := $(VENV)/.mechsteer-installed
 LATEST := .venv-latest
 PIP_Q  := --quiet --disable-pip-version-check
 
-.PHONY: setup demo demo-full test test-fast test-latest lock clean
+.PHONY: setup demo demo-full test test-fast test-latest lock clean docs browser
 
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -75,5 +77,19 @@ lock: $(LATEST)/.fresh
 	  $(LATEST)/bin/python -m pip freeze --exclude-editable | grep -viE '^(torch|nvidia-|triton|cuda-)'; } > $(LOCK).tmp
 	mv $(LOCK).tmp $(LOCK)
 
+docs: $(STAMP)
+	$(BIN)/python -m mkdocs build --strict --site-dir site
+
+# The browser test drives Debian's chromium through chromedriver; where neither is installed
+# and apt-get cannot run (not root, not Debian), the test skips and names this target.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+	  echo "browser: $$(chromium --version 2>/dev/null | head -1), chromedriver present"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else \
+	  echo "browser: cannot install chromium and chromium-driver here (needs root and apt-get); tests/test_browser.py will skip"; \
+	fi
+
 clean:
-	rm -rf $(VENV) $(LATEST) out
+	rm -rf $(VENV) $(LATEST) out site

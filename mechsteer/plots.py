@@ -13,6 +13,27 @@ import numpy as np
 import plotly.graph_objects as go
 
 
+AXIS_TITLES = {"pos": "position: token", "layer": "layer", "head": "head", "site": "site"}
+
+
+def axis_title(axis: str) -> str:
+    """What an axis of the one vocabulary (``layer, pos, head``) is called on a figure."""
+    return AXIS_TITLES.get(axis, axis)
+
+
+def _every_tick(fig: go.Figure, x_labels: Sequence[str], **where) -> None:
+    """Show every category tick (plotly hides every other token once labels crowd, and a
+    reader needs each token); token labels are slanted, in a smaller font on long prompts."""
+    slant = max((len(str(x)) for x in x_labels), default=0) > 3
+    fig.update_xaxes(type="category", dtick=1, tickangle=-60 if slant else 0, tickfont_size=10 if len(x_labels) > 20 else 11, **where)
+    fig.update_yaxes(type="category", dtick=1, tickfont_size=10, **where)
+
+
+def _height(n_rows: int) -> int:
+    """Height that gives each of ``n_rows`` rows (layers) about 18 px: 30 layers -> 700."""
+    return max(420, 18 * n_rows + 160)
+
+
 def heatmap(
     z,
     *,
@@ -23,7 +44,7 @@ def heatmap(
     y_title: str = "layer",
     zmid: float | None = 0.0,
     zmax: float | None = None,
-    colorbar_title: str = "",
+    colorbar_title: str = "score",
 ) -> go.Figure:
     """A layer x position (or layer x head) heatmap with hover values.
 
@@ -48,9 +69,8 @@ def heatmap(
             hovertemplate=f"{y_title} %{{y}}<br>{x_title} %{{x}}<br>%{{z:.4g}}<extra></extra>",
         )
     )
-    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, template="plotly_white")
-    fig.update_xaxes(type="category")
-    fig.update_yaxes(type="category")
+    fig.update_layout(title=title, xaxis_title=axis_title(x_title), yaxis_title=axis_title(y_title), template="plotly_white", height=_height(len(y)))
+    _every_tick(fig, x)
     return fig
 
 
@@ -65,7 +85,9 @@ def logit_diff_strip(clean, corrupted, *, title: str = "Logit difference per pro
     return fig
 
 
-def facet_heatmaps(panels, *, titles: Sequence[str], title: str = "", zmax: float | None = None) -> go.Figure:
+def facet_heatmaps(
+    panels, *, titles: Sequence[str], title: str = "", zmax: float | None = None, colorbar_title: str = "score",
+) -> go.Figure:
     """Side-by-side heatmaps of 2-D ``AttributionResult`` panels, sharing axes and one colour
     scale centred at zero (``zmax`` defaults to the largest absolute score of any panel).
 
@@ -89,14 +111,16 @@ def facet_heatmaps(panels, *, titles: Sequence[str], title: str = "", zmax: floa
                 zmax=zmax,
                 colorscale="RdBu_r",
                 showscale=i == len(panels),
+                colorbar={"title": colorbar_title},
                 hovertemplate=f"{titles[i - 1]}<br>{rows} %{{y}}<br>{cols} %{{x}}<br>%{{z:.4g}}<extra></extra>",
             ),
             row=1,
             col=i,
         )
-        fig.update_xaxes(title_text=cols, type="category", row=1, col=i)
-    fig.update_yaxes(title_text=grids[0][1], type="category", row=1, col=1)
-    fig.update_layout(title=title, template="plotly_white", height=max(400, 18 * grids[0][0].shape[0] + 150))
+        fig.update_xaxes(title_text=axis_title(cols), row=1, col=i)
+        _every_tick(fig, panel.axis_labels(cols), row=1, col=i)
+    fig.update_yaxes(title_text=axis_title(grids[0][1]), row=1, col=1)
+    fig.update_layout(title=title, template="plotly_white", height=_height(grids[0][0].shape[0]))
     return fig
 
 
@@ -205,8 +229,9 @@ def heatmap_grid(
                 row=i + 1,
                 col=c + 1,
             )
-            fig.update_xaxes(type="category", title_text=p.x_title if i == n_rows - 1 else None, row=i + 1, col=c + 1)
-            fig.update_yaxes(type="category", title_text=p.y_title if c == 0 else None, row=i + 1, col=c + 1)
+            fig.update_xaxes(title_text=p.x_title if i == n_rows - 1 else None, row=i + 1, col=c + 1)
+            fig.update_yaxes(title_text=p.y_title if c == 0 else None, row=i + 1, col=c + 1)
+            _every_tick(fig, list(p.x_labels), row=i + 1, col=c + 1)
     n_y = max((len(p.y_labels) for r in rows for p in r if p is not None), default=1)
     fig.update_layout(title=title, template="plotly_white", height=n_rows * max(300, 16 * n_y + 120) + 60)
     return fig

@@ -165,10 +165,24 @@ def attribution_section(suites: list) -> Section:
             + table_html(suite.costs().round(3), index=False)
         )
         for grid, cmp in suite.comparisons.items():
-            parts.append(cmp.figure)
+            parts.append(_titled(cmp.figure, suite, grid))
             parts.append(f"<h4>{grid}: agreement (Spearman / top-{cmp.k} Jaccard)</h4>")
             parts.append(table_html(cmp.pairs.round(3), index=False))
     return Section(key="attribution", title="Attribution methods", parts=parts, summary=summary)
+
+
+def _titled(figure, suite, grid: str):
+    """A copy of a comparison figure whose title names the task, the model and the grid, and
+    says when each panel was divided by its max |score| (all colour ranges [-1, 1])."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(figure)
+    normalised = all(getattr(t, "zmax", None) == 1.0 for t in fig.data)
+    on = f" on {suite.model_name}" if getattr(suite, "model_name", None) else ""
+    fig.update_layout(title=f"{suite.task.upper()}{on}: {grid} scores" + (", each method divided by its max |score|" if normalised else ""))
+    if normalised:
+        fig.update_traces(colorbar_title="score / max |score|")
+    return fig
 
 
 def fv_section(run) -> Section:
