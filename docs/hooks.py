@@ -16,15 +16,14 @@ LINK = re.compile(r"\]\((?!https?://|#)([^)]+)\)")
 
 
 def readme_section(heading: str) -> str:
-    """The README section whose heading is ``heading`` (without its heading line)."""
+    """The README section under ``heading``, up to the next heading (without its heading line)."""
     lines = README.read_text().splitlines()
     for i, line in enumerate(lines):
         m = re.match(r"^(#+) (.*)$", line)
         if m and m.group(2).strip() == heading:
-            level, body = len(m.group(1)), []
+            body = []
             for nxt in lines[i + 1 :]:
-                h = re.match(r"^(#+) ", nxt)
-                if h and len(h.group(1)) <= level:
+                if re.match(r"^#+ ", nxt):  # up to the next heading: a subsection has its own marker
                     break
                 body.append(nxt)
             return LINK.sub(lambda l: f"]({REPO}{l.group(1)})", "\n".join(body))
