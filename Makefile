@@ -13,6 +13,7 @@
 #                      non-integration tests
 #   make lock          resolve the newest allowed versions in a scratch venv, run the
 #                      whole suite there, and only if it passes write constraints.txt
+#   make notebooks     execute notebooks/*.ipynb on SmolLM2, saved with their outputs
 #   make docs          the documentation site (mkdocs, strict, offline) -> site/
 #   make browser       Chromium + chromedriver from Debian for tests/test_browser.py (root + apt)
 
@@ -25,7 +26,7 @@ STAMP  := $(VENV)/.mechsteer-installed
 LATEST := .venv-latest
 PIP_Q  := --quiet --disable-pip-version-check
 
-.PHONY: setup demo demo-full test test-fast test-latest lock clean docs browser
+.PHONY: setup demo demo-full test test-fast test-latest lock clean docs browser notebooks
 
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -76,6 +77,9 @@ lock: $(LATEST)/.fresh
 	  echo "# tested with $$($(LATEST)/bin/python -c 'import torch; print("torch==" + torch.__version__)'), Python $$($(LATEST)/bin/python -c 'import platform; print(platform.python_version())')."; \
 	  $(LATEST)/bin/python -m pip freeze --exclude-editable | grep -viE '^(torch|nvidia-|triton|cuda-)'; } > $(LOCK).tmp
 	mv $(LOCK).tmp $(LOCK)
+
+notebooks: $(STAMP)
+	$(BIN)/python notebooks/execute.py
 
 docs: $(STAMP)
 	$(BIN)/python -m mkdocs build --strict --site-dir site
