@@ -2,7 +2,7 @@
 
     mechsteer info                       # model, sizes, sites
     mechsteer tasks --task ccc --n 8     # generated prompts and drop counts
-    mechsteer attribute --task ioi --methods patching,atp,dla,attnlrp --n 16 --out DIR
+    mechsteer attribute --task ioi --methods patching,atp,atp*,atp-ig,dla,attnlrp --n 16 --out DIR
     mechsteer steer --task ccc --method activ_scalar --sites attn_out,mlp_out --out DIR
     mechsteer pareto --task ccc --out DIR  # lambda_F x lambda_M x m grid, resumable
     mechsteer fv --tasks antonym,capitalize --select aie,lrp,atp --inject fv,dfv --out DIR
@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     att = sub.add_parser("attribute", help="run attribution methods side by side")
     att.add_argument("--task", choices=["ccc", "ioi"], required=True)
     att.add_argument("--methods", type=A.names(A.attribution_methods), default="patching,atp,dla,attnlrp",
-                     help="comma-separated: patching,atp,dla,attnlrp")
+                     help="comma-separated, of: " + ",".join(A.attribution_methods()))
     att.add_argument("--n", type=count, default=16, help="prompts")
     att.add_argument("--seed", type=seed, default=0)
     att.add_argument("--direction", choices=["noising", "denoising"], default="noising", help="for patching and AtP")

@@ -168,6 +168,14 @@ def attribution_section(suites: list) -> Section:
             parts.append(_titled(cmp.figure, suite, grid))
             parts.append(f"<h4>{grid}: agreement (Spearman / top-{cmp.k} Jaccard)</h4>")
             parts.append(table_html(cmp.pairs.round(3), index=False))
+        fn = suite.false_negatives()
+        if len(fn):
+            parts.append(
+                "<h4>False negatives of the estimates (Kram&aacute;r et al. 2024): of the top-k locations by "
+                "exact patching (|score|), how many each estimate misses in its own top-k, and the worst rank "
+                "it gives one of them</h4>"
+                + table_html(fn[["grid", "method", "k", "missed", "worst_rank"]], index=False)
+            )
     return Section(key="attribution", title="Attribution methods", parts=parts, summary=summary)
 
 
