@@ -29,7 +29,7 @@ def accuracy_figure(accuracy: pd.DataFrame, heads: str = "global", metric: str =
         fig.add_bar(x=g["task"], y=g[metric], name=name, hovertemplate="%{x}<br>" + name + ": %{y:.2f}<extra></extra>")
     fig.update_layout(
         barmode="group", title=f"Zero-shot {metric} accuracy per task ({heads} heads)",
-        yaxis=dict(title=metric, range=[0, 1]), height=420, legend_title="injection",
+        yaxis=dict(title=metric, range=[0, 1]), height=420, legend_title="injection", template="plotly_white",
     )
     return fig
 
@@ -40,7 +40,8 @@ def sweep_figure(sweep: pd.DataFrame, metric: str = "top1") -> go.Figure:
     for method, g in sweep.groupby("method", sort=False):
         fig.add_scatter(x=g["layer"], y=g[metric], mode="lines+markers", name=method)
     fig.update_layout(title=f"FV injection layer sweep (validation {metric}, mean over tasks)",
-                      xaxis_title="layer", yaxis=dict(title=metric, range=[0, 1]), height=380)
+                      xaxis=dict(title="injection layer", tickmode="linear", dtick=1 if sweep["layer"].nunique() <= 12 else 2),
+                      yaxis=dict(title=metric, range=[0, 1]), height=380, template="plotly_white")
     return fig
 
 
