@@ -143,21 +143,28 @@ def normalize(x: Tensor, clean: Tensor | float, corrupted: Tensor | float) -> Te
 # ``DATASET_METRICS`` (``resolve_metric``).
 
 
+def answer_pos(ds, logits: Tensor) -> int | Tensor:
+    """Where ``ds``'s answers are read in ``logits``: -1 for full-width prompts, else each
+    prompt's own last token (``ds.last``; prompts are right-padded)."""
+    pos = getattr(ds, "answer_pos", -1)
+    return pos.to(logits.device) if isinstance(pos, Tensor) else pos
+
+
 def default_metric(logits: Tensor, ds) -> Tensor:
-    """Mean logit difference f_c - f_w at the last position."""
-    return logit_diff(logits, ds.correct.to(logits.device), ds.wrong.to(logits.device))
+    """Mean logit difference f_c - f_w at each prompt's last token."""
+    return logit_diff(logits, ds.correct.to(logits.device), ds.wrong.to(logits.device), pos=answer_pos(ds, logits))
 
 
 def correct_logit(logits: Tensor, ds) -> Tensor:
-    """Mean logit f_c of the correct answer at the last position."""
-    f = last_logits(logits)
+    """Mean logit f_c of the correct answer at each prompt's last token."""
+    f = last_logits(logits, answer_pos(ds, logits))
     c = _ids(ds.correct.to(f.device), f.shape[0], f.device, "correct", f.shape[1])
     return check_finite("logit", f[torch.arange(f.shape[0], device=f.device), c].mean())
 
 
 def correct_prob(logits: Tensor, ds) -> Tensor:
-    """Mean probability softmax(f)_c of the correct answer at the last position."""
-    return answer_prob(logits, ds.correct.to(logits.device))
+    """Mean probability softmax(f)_c of the correct answer at each prompt's last token."""
+    return answer_prob(logits, ds.correct.to(logits.device), pos=answer_pos(ds, logits))
 
 
 # name -> dataset metric; "logit_diff" is every method's default
@@ -192,8 +199,9 @@ def resolve_metric(metric, *, name: str = "metric") -> tuple:
 
 
 def per_prompt_metric(logits: Tensor, ds) -> Tensor:
-    """Logit difference per prompt, ``(batch,)``."""
-    return logit_diff(logits, ds.correct.to(logits.device), ds.wrong.to(logits.device), reduce="none")
+    """Logit difference per prompt at its last token, ``(batch,)``."""
+    return logit_diff(logits, ds.correct.to(logits.device), ds.wrong.to(logits.device), pos=answer_pos(ds, logits),
+                      reduce="none")
 
 
 def check_metric_output(value: Tensor, name: str = "metric") -> Tensor:

@@ -44,7 +44,7 @@ def test_split_and_subset(tiny_gpt2):
     assert (len(train), len(test)) == (9, 3)
     assert not set(train.prompts) & set(test.prompts)
     assert train.subset([0, 2]).prompts == [train.prompts[0], train.prompts[2]]
-    assert list(ds.to_frame().columns) == ["prompt", "corrupted_prompt", "correct", "wrong", "correct_id", "wrong_id"]
+    assert list(ds.to_frame().columns) == ["prompt", "corrupted_prompt", "correct", "wrong", "correct_id", "wrong_id", "length", "positions"]
     with pytest.raises(ValueError, match="test_fraction"):
         ds.split(1.5)
 

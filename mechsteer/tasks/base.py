@@ -1,10 +1,11 @@
 """Contrastive datasets: (prompt, correct answer token, wrong answer token) + corrupted prompt.
 
-Position-indexed methods (patching per position, ActivScalar, SteerVec) need every prompt
-of a dataset to have the same token length, and every answer to be one token. A dataset
-is therefore built *for a model's tokenizer*: candidate items are tokenised, those that
-fail a check are dropped and counted by reason, and the largest group of equal-length
-prompts is kept. Generation is deterministic given a seed.
+A dataset is built *for a model's tokenizer*: candidate items are tokenised, those that
+fail a check are dropped and counted by reason. Prompts may differ in token length: they
+are right-padded (``mechsteer.tasks.positions`` says why) and every method reads the
+answer at each prompt's own last token ``ds.last``. A clean prompt and its corrupted twin
+always have one length (position-wise patching compares them token by token).
+Generation is deterministic given a seed.
 """
 
 from __future__ import annotations
@@ -59,6 +60,15 @@ class ContrastiveDataset:
     dropped: dict[str, int]  # reason -> count of candidates dropped
     seed: int
     meta: list[dict[str, Any]] = field(default_factory=list)
+    # real token count per prompt (clean = corrupted); None = every row is full width
+    lengths: Int[Tensor, " batch"] | None = None
+    # per prompt: position name -> token index (e.g. IOI's "IO", "S1", "S2"); "end" is implied
+    positions: list[dict[str, int]] = field(default_factory=list)
+    pad_id: int = 0  # token id after each prompt's end (never seen by its real tokens)
+    # per prompt: every token id of each answer; a multi-token answer's shared prefix with the
+    # other answer is part of the prompt, so correct/wrong hold the first tokens that differ
+    correct_tokens: list[list[int]] = field(default_factory=list)
+    wrong_tokens: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not len(self.prompts):
@@ -84,6 +94,22 @@ class ContrastiveDataset:
                 raise ValueError(f"{key} has {len(getattr(self, key))} entries for {n} prompts; give one per prompt.")
         if self.meta and len(self.meta) != n:
             raise ValueError(f"meta has {len(self.meta)} entries for {n} prompts; give one per prompt or none.")
+        width = self.tokens.shape[1]
+        lengths = self.lengths
+        if lengths is None:
+            lengths = torch.full((n,), width, dtype=torch.long, device=self.tokens.device)
+        elif not isinstance(lengths, Tensor) or lengths.shape != (n,) or lengths.is_floating_point():
+            raise ValueError(f"lengths must be a (batch,) integer tensor with batch = {n}, got {lengths!r}.")
+        elif int(lengths.min()) < 1 or int(lengths.max()) > width:
+            raise ValueError(f"lengths must lie in 1..{width} (the padded width), got {lengths.tolist()}.")
+        object.__setattr__(self, "lengths", lengths.long())
+        for key in ("positions", "correct_tokens", "wrong_tokens"):
+            if getattr(self, key) and len(getattr(self, key)) != n:
+                raise ValueError(f"{key} has {len(getattr(self, key))} entries for {n} prompts; give one per prompt or none.")
+        if not self.correct_tokens:
+            object.__setattr__(self, "correct_tokens", [[int(t)] for t in self.correct.tolist()])
+        if not self.wrong_tokens:
+            object.__setattr__(self, "wrong_tokens", [[int(t)] for t in self.wrong.tolist()])
 
     def validate_for(self, model) -> "ContrastiveDataset":
         """Return self if every token and answer id exists in ``model``'s vocabulary and the
@@ -113,13 +139,46 @@ class ContrastiveDataset:
 
     @property
     def n_pos(self) -> int:
-        """Token length shared by every prompt."""
+        """Padded token width: the longest prompt's length."""
         return self.tokens.shape[1]
 
     @property
+    def is_padded(self) -> bool:
+        """True when some prompt is shorter than ``n_pos`` (the batch holds pads)."""
+        return bool((self.lengths < self.n_pos).any())
+
+    @property
+    def last(self) -> Int[Tensor, " batch"]:
+        """Each prompt's last real token index, ``lengths - 1``: where the answer is read."""
+        return self.lengths - 1
+
+    @property
+    def answer_pos(self) -> int | Int[Tensor, " batch"]:
+        """``-1`` when every prompt is full width (the fast, historical read), else ``last``;
+        pass it as ``pos=`` to the metrics of ``mechsteer.metrics``."""
+        return self.last if self.is_padded else -1
+
+    @property
+    def mask(self) -> Tensor:
+        """``(batch, pos)`` bool: True at real tokens, False at pads."""
+        return torch.arange(self.n_pos, device=self.lengths.device)[None, :] < self.lengths[:, None]
+
+    @property
+    def multi_token(self) -> bool:
+        """True when some answer has more than one token."""
+        return any(len(t) > 1 for t in self.correct_tokens + self.wrong_tokens)
+
+    def position_axis(self, mode: str = "auto"):
+        """The ``PositionAxis`` per-position results use (``mechsteer.tasks.positions``)."""
+        from mechsteer.tasks.positions import position_axis
+
+        return position_axis(self, mode)
+
+    @property
     def labels(self) -> list[str]:
-        """Position labels for plots: ``"{pos}:{token}"`` of the first prompt."""
-        return [f"{i}:{t}" for i, t in enumerate(self.str_tokens[0])]
+        """Position labels for plots: ``"{pos}:{token}"`` of the first prompt for equal
+        lengths, else the named or end-relative labels of ``position_axis()``."""
+        return self.position_axis().labels
 
     def subset(self, index: Sequence[int] | slice) -> "ContrastiveDataset":
         """The items at ``index`` (a slice or a list of ints), as a new dataset."""
@@ -138,14 +197,20 @@ class ContrastiveDataset:
             raise ValueError(f"index {index!r} selects no items; a dataset needs at least one.")
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
         t = torch.tensor(idx, dtype=torch.long)
+        lengths = self.lengths[t.to(self.lengths.device)]
+        width = int(lengths.max())  # drop pad columns no kept prompt needs
         return replace(
             self,
+            lengths=lengths,
+            positions=pick(self.positions) if self.positions else [],
+            correct_tokens=pick(self.correct_tokens),
+            wrong_tokens=pick(self.wrong_tokens),
             prompts=pick(self.prompts),
             corrupted_prompts=pick(self.corrupted_prompts),
             correct_answers=pick(self.correct_answers),
             wrong_answers=pick(self.wrong_answers),
-            tokens=self.tokens[t],
-            corrupted_tokens=self.corrupted_tokens[t],
+            tokens=self.tokens[t][:, :width],
+            corrupted_tokens=self.corrupted_tokens[t][:, :width],
             correct=self.correct[t],
             wrong=self.wrong[t],
             str_tokens=pick(self.str_tokens),
@@ -173,6 +238,8 @@ class ContrastiveDataset:
                 "wrong": self.wrong_answers,
                 "correct_id": self.correct.tolist(),
                 "wrong_id": self.wrong.tolist(),
+                "length": self.lengths.tolist(),
+                "positions": self.positions or [{} for _ in self.prompts],
             }
         )
 
@@ -184,6 +251,7 @@ class ContrastiveDataset:
             corrupted_tokens=self.corrupted_tokens.to(device),
             correct=self.correct.to(device),
             wrong=self.wrong.to(device),
+            lengths=self.lengths.to(device),
         )
 
     @torch.no_grad()
@@ -200,8 +268,10 @@ class ContrastiveDataset:
             sl = slice(start, start + batch_size)
             for key, toks in (("clean", self.tokens), ("corrupted", self.corrupted_tokens)):
                 logits = model(toks[sl].to(model.cfg.device))
-                check_finite(f"{self.name}: model logits at the last position of the {key} prompts", logits[:, -1])
-                out[key].append(logit_diff(logits, self.correct[sl], self.wrong[sl], reduce="none").cpu())
+                pos = self.last[sl].to(logits.device)
+                check_finite(f"{self.name}: model logits at the last position of the {key} prompts",
+                             logits[torch.arange(len(pos), device=logits.device), pos])
+                out[key].append(logit_diff(logits, self.correct[sl], self.wrong[sl], pos=pos, reduce="none").cpu())
         return torch.cat(out["clean"]), torch.cat(out["corrupted"])
 
     def evaluate(self, model, batch_size: int = 32) -> dict[str, float | int]:
@@ -249,8 +319,10 @@ def build_dataset(
     n: int | None,
     seed: int,
     min_items: int = 2,
+    same_length: bool = True,
 ) -> ContrastiveDataset:
-    """Tokenise ``candidates`` for ``model``, drop invalid ones, keep one token length.
+    """Tokenise ``candidates`` for ``model``, drop invalid ones; with ``same_length`` keep
+    the largest group of one token length, else right-pad prompts of any length.
 
     Drop reasons: ``answer_not_single_token``, ``answers_equal``,
     ``corrupted_length_differs``, ``length_not_modal`` (the prompt's token length differs
@@ -282,7 +354,7 @@ def build_dataset(
             dropped["corrupted_length_differs"] += 1
             continue
         kept.append((c, clean, corrupt, cid, wid))
-    if kept:
+    if kept and same_length:
         lengths = Counter(len(k[1]) for k in kept)
         modal = max(lengths, key=lambda L: (lengths[L], -L))
         dropped["length_not_modal"] += sum(v for L, v in lengths.items() if L != modal)
@@ -298,7 +370,10 @@ def build_dataset(
     if n is not None and len(kept) < n:
         warnings.warn(f"{name}: asked for {n} items, {len(kept)} are valid for this tokenizer.", stacklevel=3)
     device = model.cfg.device
-    toks = torch.tensor([k[1] for k in kept], device=device)
+    pad = pad_token_id(tokenizer)
+    width = max((len(k[1]) for k in kept), default=1)
+    padded = lambda ids: ids + [pad] * (width - len(ids))  # noqa: E731
+    toks = torch.tensor([padded(k[1]) for k in kept], device=device)
     return ContrastiveDataset(
         name=name,
         prompts=[k[0].prompt for k in kept],
@@ -306,11 +381,23 @@ def build_dataset(
         correct_answers=[k[0].correct for k in kept],
         wrong_answers=[k[0].wrong for k in kept],
         tokens=toks,
-        corrupted_tokens=torch.tensor([k[2] for k in kept], device=device),
+        corrupted_tokens=torch.tensor([padded(k[2]) for k in kept], device=device),
         correct=torch.tensor([k[3] for k in kept], device=device),
         wrong=torch.tensor([k[4] for k in kept], device=device),
         str_tokens=[[tokenizer.decode([t]) for t in k[1]] for k in kept],
         dropped={k: v for k, v in dropped.items() if v},
         seed=seed,
         meta=[k[0].meta for k in kept],
+        lengths=torch.tensor([len(k[1]) for k in kept], device=device),
+        pad_id=pad,
     ).validate_for(model)
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id right-padding uses: the tokenizer's pad token, else its end-of-text, else 0.
+    Any id would do: pads sit after a prompt's last token, which never attends to them."""
+    for name in ("pad_token_id", "eos_token_id"):
+        t = getattr(tokenizer, name, None)
+        if isinstance(t, int):
+            return t
+    return 0
