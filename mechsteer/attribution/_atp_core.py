@@ -20,7 +20,7 @@ from typing import Callable
 from jaxtyping import Float
 from torch import Tensor
 
-from mechsteer.attribution._common import check_dataset
+from mechsteer.attribution._common import check_dataset, on_axis, per_prompt_on_axis, position_axis
 from mechsteer.metrics import check_metric_output, check_metric_values, per_prompt_metric, resolve_metric
 from mechsteer.sites import check_sites
 from mechsteer.tasks.base import ContrastiveDataset
@@ -65,6 +65,7 @@ class Setup:
     base: Tensor  # the run differentiated (clean for noising)
     other: Tensor  # the run whose activations are patched in
     sign: float
+    axis: object  # the PositionAxis of per-position results (mechsteer.tasks.positions)
 
     def values(self, logits: Tensor) -> Tensor:
         return metric_values(logits, self.ds, self.metric)
@@ -74,16 +75,25 @@ class Setup:
         check_metric_values(who, m_clean, m_corr)
         return m_clean, m_corr
 
-    def normalise(self, raw: Tensor, m_clean: Tensor, m_corr: Tensor, per_prompt: bool) -> tuple[Tensor, Tensor | None]:
-        """``raw`` ``(B, *cells)`` first-order metric changes -> (scores, per-prompt scores)."""
+    def normalise(
+        self, raw: Tensor, m_clean: Tensor, m_corr: Tensor, per_prompt: bool, axis=None
+    ) -> tuple[Tensor, Tensor | None]:
+        """``raw`` ``(B, *cells)`` first-order metric changes -> (scores, per-prompt scores).
+
+        With a position ``axis`` the last axis of ``raw`` is token positions: each entry
+        takes the mean (default metric) or sum (custom metric) over the prompts that have
+        it, still divided by the whole dataset's clean-minus-corrupted gap."""
+        reduce = (lambda x, how: x.mean(0) if how == "mean" else x.sum(0)) if axis is None else (  # noqa: E731
+            lambda x, how: on_axis(x, axis, -1, how=how))
         if self.metric is None:
-            scores = self.sign * raw.mean(0) / gap(m_clean.mean(), m_corr.mean(), "mean logit differences")
+            scores = self.sign * reduce(raw, "mean") / gap(m_clean.mean(), m_corr.mean(), "mean logit differences")
         else:
-            scores = self.sign * raw.sum(0) / gap(m_clean, m_corr, "metric values")
+            scores = self.sign * reduce(raw, "sum") / gap(m_clean, m_corr, "metric values")
         pp = None
         if per_prompt:
             g = gap(m_clean, m_corr, "logit differences of some prompts")
             pp = self.sign * raw / g.reshape(-1, *[1] * (raw.ndim - 1))
+            pp = pp if axis is None else per_prompt_on_axis(pp, axis, -1)
         return scores, pp
 
     def meta(self, m_clean: Tensor, m_corr: Tensor) -> dict:
@@ -91,9 +101,10 @@ class Setup:
                 "corrupted_metric": float(m_corr.mean()), "sites_in_run": list(self.sites)}
 
 
-def setup(model, ds, sites, allowed, direction, metric, per_prompt) -> Setup:
+def setup(model, ds, sites, allowed, direction, metric, per_prompt, positions: str = "auto") -> Setup:
     """Check an AtP call's arguments (ValueError/TypeError naming the fix) and resolve them."""
     check_dataset(ds, model=model)
+    axis = position_axis(ds, positions)
     sites = check_sites(sites, allowed, name="sites")
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be 'noising' or 'denoising', got {direction!r}.")
@@ -102,4 +113,4 @@ def setup(model, ds, sites, allowed, direction, metric, per_prompt) -> Setup:
         raise ValueError("per_prompt=True needs the default metric (per-prompt logit difference); drop metric=.")
     ds = ds.to(model.cfg.device)
     base, other = (ds.tokens, ds.corrupted_tokens) if direction == "noising" else (ds.corrupted_tokens, ds.tokens)
-    return Setup(ds, sites, direction, metric, name, base, other, -1.0 if direction == "noising" else 1.0)
+    return Setup(ds, sites, direction, metric, name, base, other, -1.0 if direction == "noising" else 1.0, axis)

@@ -73,6 +73,7 @@ def attribution_patching_all(
     per_prompt: bool = False,
     variant: str = "atp",  # "atp" | "atp*" (atp_star.py) | "ig" (atp_ig.py)
     steps: int = 4,  # variant="ig" only: points on the path
+    positions: str = "auto",  # position axis: "auto" | "tokens" | "named" | "end" (mechsteer.tasks.positions)
 ) -> dict[str, AttributionResult]:
     """AtP scores of every site in ``sites`` from one forward+backward and one forward.
 
@@ -85,6 +86,13 @@ def attribution_patching_all(
     mean metric: it is the mean of ``per_prompt`` weighted by each prompt's gap, not the
     plain mean), as activation patching does. Every result's ``seconds`` is the time of
     the shared run; ``meta`` holds the direction and the clean and corrupted metric values.
+
+    Prompts of different lengths (a right-padded dataset) are fine: each prompt's metric
+    is read at its own last token, and its estimates at token positions are put on the
+    ``positions`` axis (``"auto"``: token positions for equal lengths, else the dataset's
+    named positions, else end-relative ``end-k .. end``; ``mechsteer.tasks.positions``),
+    each entry averaged over the prompts that have it. Pads get exactly 0 (a causal model's
+    metric at a prompt's last token has no gradient at the pads after it).
 
     ``variant="atp*"`` runs ``atp_star.atp_star_all`` (QK fix and GradDrop, Kramár et al.
     2024; sites ``attn_out``, ``mlp_out``, ``z``, ``q``, ``k``) and ``variant="ig"`` runs
@@ -103,13 +111,14 @@ def attribution_patching_all(
     if variant == "atp*":
         from mechsteer.attribution.atp_star import atp_star_all
 
-        return atp_star_all(model, ds, sites=sites, direction=direction, metric=metric)
+        return atp_star_all(model, ds, sites=sites, direction=direction, metric=metric, per_prompt=per_prompt,
+                            positions=positions)
     if variant == "ig":
         from mechsteer.attribution.atp_ig import atp_ig_all
 
         return atp_ig_all(model, ds, sites=sites, direction=direction, metric=metric, per_prompt=per_prompt,
-                          steps=steps)
-    run = core.setup(model, ds, sites, ATP_SITES, direction, metric, per_prompt)
+                          steps=steps, positions=positions)
+    run = core.setup(model, ds, sites, ATP_SITES, direction, metric, per_prompt, positions)
     names = {s: [(s, layer) for layer in range(model.cfg.n_layers)] for s in run.sites}
     flat = [n for s in run.sites for n in names[s]]
 
@@ -123,7 +132,7 @@ def attribution_patching_all(
             # first-order change of the (per-prompt or custom) metric, per prompt and cell
             # (B, L, pos), or (B, L, H, pos) for z
             raw = torch.stack([core.dot(grads[n], acts_other[n] - acts[n]) for n in names[s]], 1)
-            scores, pp = run.normalise(raw, m_clean, m_corr, per_prompt)
+            scores, pp = run.normalise(raw, m_clean, m_corr, per_prompt, run.axis)
             out[s] = (check_finite(f"attribution_patching: scores at site {s!r}", scores), pp)
     meta = run.meta(m_clean, m_corr)
     return {
@@ -132,7 +141,7 @@ def attribution_patching_all(
             axes=("layer", "head", "pos") if s == "z" else ("layer", "pos"),
             method="atp",
             metric=run.metric_name,
-            labels={"pos": run.ds.labels},
+            labels={"pos": run.axis.labels},
             seconds=t["seconds"],
             per_prompt=pp,
             meta={**meta, "site": s},
@@ -151,6 +160,7 @@ def attribution_patching(
     per_prompt: bool = False,
     variant: str = "atp",
     steps: int = 4,
+    positions: str = "auto",
 ) -> AttributionResult:
     """AtP scores of one site; see ``attribution_patching_all`` and the module docstring.
     ``variant="atp*"`` (QK fix + GradDrop) or ``"ig"`` (``steps`` path points) as there.
@@ -169,5 +179,5 @@ def attribution_patching(
         )
     return attribution_patching_all(
         model, ds, sites=(site,), direction=direction, metric=metric, per_prompt=per_prompt, variant=variant,
-        steps=steps,
+        steps=steps, positions=positions,
     )[site]

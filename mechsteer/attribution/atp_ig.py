@@ -47,6 +47,7 @@ def atp_ig_all(
     metric: Metric | None = "logit_diff",
     per_prompt: bool = False,
     steps: int = 4,  # K: points on the path (left Riemann sum; 1 = AtP)
+    positions: str = "auto",  # position axis, as AtP's ("auto" | "tokens" | "named" | "end")
 ) -> dict[str, AttributionResult]:
     """AtP-IG scores of every site in ``sites`` from ``steps`` forward+backward passes.
 
@@ -57,7 +58,7 @@ def atp_ig_all(
     >>> out["z"].method, out["z"].axes, out["z"].meta["steps"]
     ('atp-ig', ('layer', 'head', 'pos'), 2)
     """
-    run = core.setup(model, ds, sites, IG_SITES, direction, metric, per_prompt)
+    run = core.setup(model, ds, sites, IG_SITES, direction, metric, per_prompt, positions)
     steps = positive_int("steps", steps)
     names = {s: [(s, layer) for layer in range(model.cfg.n_layers)] for s in run.sites}
     flat = [n for s in run.sites for n in names[s]]
@@ -77,13 +78,13 @@ def atp_ig_all(
         out = {}
         for s in run.sites:
             raw = torch.stack([core.dot(total[n] / steps, acts_other[n] - acts_base[n]) for n in names[s]], 1)
-            scores, pp = run.normalise(raw, m_clean, m_corr, per_prompt)
+            scores, pp = run.normalise(raw, m_clean, m_corr, per_prompt, run.axis)
             out[s] = (check_finite(f"atp-ig: scores at site {s!r}", scores), pp)
     meta = {**run.meta(m_clean, m_corr), "steps": steps}
     return {
         s: AttributionResult(
             scores=sc, axes=("layer", "head", "pos") if s == "z" else ("layer", "pos"), method="atp-ig",
-            metric=run.metric_name, labels={"pos": run.ds.labels}, seconds=t["seconds"], per_prompt=pp,
+            metric=run.metric_name, labels={"pos": run.axis.labels}, seconds=t["seconds"], per_prompt=pp,
             meta={**meta, "site": s},
         )
         for s, (sc, pp) in out.items()

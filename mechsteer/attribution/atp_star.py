@@ -196,6 +196,8 @@ def atp_star_all(
     drop_layers: Sequence[int] | None = None,  # layers GradDrop drops (None: all); () = none
     rule: str = "exact",  # QK fix softmax: "exact", or "linear" (its linearisation: equals AtP)
     head_totals: bool = False,  # site z: one node per head (all positions), axes (layer, head)
+    per_prompt: bool = False,  # also each prompt's AtP* score (GradDrop combined per prompt)
+    positions: str = "auto",  # position axis, as AtP's ("auto" | "tokens" | "named" | "end")
 ) -> dict[str, AttributionResult]:
     """AtP* scores (QK fix + GradDrop) of every site in ``sites``, on AtP's scale.
 
@@ -204,6 +206,9 @@ def atp_star_all(
     estimates), ``q`` (``(layer, head, pos)``) and ``k`` (``(layer, head, pos)``, head = KV
     head). ``qk_fix=False, grad_drop=False`` is plain AtP; ``drop_layers=()`` drops nothing
     (GradDrop then returns AtP). ``meta`` holds the per-layer-drop count of backward passes.
+    ``per_prompt=True`` (default metric only) also keeps each prompt's AtP* score: its own
+    estimates normalised by its own logit-difference gap, GradDrop-combined per prompt.
+    Mixed-length datasets and ``positions`` as in ``attribution_patching_all``.
 
     >>> from mechsteer.tiny import tiny_model
     >>> from mechsteer.tasks import ioi
@@ -214,7 +219,7 @@ def atp_star_all(
     """
     hints = {s: _RESID_HINT for s in ("resid_pre", "resid_mid", "resid_post")}
     check_sites(sites, STAR_SITES, name="sites", hints=hints)  # the resid hint, before core's own check
-    run = core.setup(model, ds, sites, STAR_SITES, direction, metric, False)
+    run = core.setup(model, ds, sites, STAR_SITES, direction, metric, per_prompt, positions)
     if rule not in RULES:
         raise ValueError(f"rule must be one of {list(RULES)}, got {rule!r}.")
     L = model.cfg.n_layers
@@ -238,16 +243,22 @@ def atp_star_all(
             logits, other = runs.cache_at(model, run.other, diff_keys)
         m_clean, m_corr = run.clean_corr(m_base, run.values(logits), "attribution_patching (atp*)")
         fixed = _fix_inputs(model, run, layers, qk, acts, base_qk, other) if qk and qk_fix else {}
-        scores = {}
+        scores, pps = {}, {}
         for s in run.sites:
-            per_drop = {}
+            per_drop, pp_drop = {}, {}
+            totals = s == "z" and head_totals
             for layer, g in grads.items():
-                raw = _raw(s, g, acts, other, fixed, layers, rule, model, qk_fix)  # (B, L, ...)
-                if s == "z" and head_totals:
-                    raw = raw.sum(-1)
-                per_drop[layer] = run.normalise(raw.double(), m_clean, m_corr, False)[0]
+                raw = _raw(s, g, acts, other, fixed, layers, rule, model, qk_fix)  # (B, L, ..., pos)
+                if totals:
+                    raw = raw.sum(-1)  # pads add exactly 0: no gradient reaches them
+                per_drop[layer], pp = run.normalise(raw.double(), m_clean, m_corr, per_prompt,
+                                                    None if totals else run.axis)
+                if pp is not None:
+                    pp_drop[layer] = pp.transpose(0, 1)  # (L, B, ...): layer first for graddrop_combine
             combined = graddrop_combine(per_drop, L) if grad_drop else per_drop[None]
             scores[s] = check_finite(f"atp*: scores at site {s!r}", combined)
+            if per_prompt:
+                pps[s] = (graddrop_combine(pp_drop, L) if grad_drop else pp_drop[None]).transpose(0, 1)
     meta = {**run.meta(m_clean, m_corr), "qk_fix": qk_fix, "grad_drop": grad_drop, "drop_layers": drop_layers,
             "backward_passes": 1 + len(drop_layers), "rule": rule}
     return {
@@ -255,8 +266,8 @@ def atp_star_all(
             scores=sc, axes=("layer", "head") if s == "z" and head_totals else
             ("layer", "head", "pos") if s in ("z", "q", "k") else ("layer", "pos"),
             method="atp*", metric=run.metric_name,
-            labels={} if s == "z" and head_totals else {"pos": run.ds.labels},
-            seconds=t["seconds"], meta={**meta, "site": s},
+            labels={} if s == "z" and head_totals else {"pos": run.axis.labels},
+            seconds=t["seconds"], per_prompt=pps.get(s), meta={**meta, "site": s},
         )
         for s, sc in scores.items()
     }

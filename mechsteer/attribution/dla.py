@@ -61,7 +61,14 @@ from torch import Tensor
 
 from mechsteer import runs
 from mechsteer._validate import check_finite
-from mechsteer.attribution._common import Metric, check_dataset
+from mechsteer.attribution._common import (
+    Metric,
+    check_dataset,
+    check_linear_metric,
+    on_axis,
+    per_prompt_on_axis,
+    position_axis,
+)
 from mechsteer.attribution.result import AttributionResult
 from mechsteer.metrics import logit_diff
 from mechsteer.sites import check_sites, has_site, sites_for
@@ -94,6 +101,7 @@ class DLARun:
 
 def _check(model, ds: ContrastiveDataset, metric: Metric) -> None:
     check_dataset(ds, model=model)
+    check_linear_metric(metric, "DLA")
     if not isinstance(metric, str):
         raise TypeError(
             f"DLA splits the logits into linear terms, so it explains only metrics linear in them: metric must "
@@ -119,16 +127,21 @@ def _check(model, ds: ContrastiveDataset, metric: Metric) -> None:
         )
 
 
-def _last(x: Tensor) -> Tensor:
-    return x[:, -1]
-
-
 def _run_dla(model, ds: ContrastiveDataset, metric: str, *, sources: bool) -> DLARun:
     """One forward pass caching only the last position's component outputs (plus the
-    last query row of every attention pattern and the values when ``sources``)."""
+    last query row of every attention pattern and the values when ``sources``). The last
+    position is each prompt's own last token (``ds.answer_pos``: -1 unless padded)."""
     cfg, L = model.cfg, model.cfg.n_layers
     ds = ds.to(cfg.device)
     post = has_site(model, POST_NORM)
+    pos = ds.answer_pos
+    rows = torch.arange(len(ds), device=cfg.device)
+    if isinstance(pos, Tensor):
+        _last = lambda x: x[rows, pos]  # noqa: E731  (B, ...) at each prompt's last token
+        _query_row = lambda x: x[rows, :, pos]  # noqa: E731  (B, H, K)
+    else:
+        _last = lambda x: x[:, -1]  # noqa: E731
+        _query_row = lambda x: x[:, :, -1]  # noqa: E731
     # (site, layer) -> what to keep of it: the last position (pattern: its query row)
     want = {("embed", None): _last, ("final_scale", None): _last}
     if has_site(model, "pos_embed"):
@@ -139,21 +152,22 @@ def _run_dla(model, ds: ContrastiveDataset, metric: str, *, sources: bool) -> DL
         if post:
             want[(POST_NORM, layer)] = _last
         if sources:
-            want[("pattern", layer)] = lambda x: x[:, :, -1]  # (B, H, K)
+            want[("pattern", layer)] = _query_row  # (B, H, K)
             want[("v", layer)] = None  # every position
     with torch.no_grad():
         logits, cache = runs.cache_at(model, ds.tokens, want, keep=want)
-    check_finite("DLA: the model's last-position logits", logits[:, -1])
+    f_last = logits[:, -1] if not isinstance(pos, Tensor) else logits[rows, pos]  # (B, vocab)
+    check_finite("DLA: the model's last-position logits", f_last)
     dt = torch.promote_types(logits.dtype, torch.float32)  # dot products in >= float32
     f = lambda site, layer=None: cache[(site, layer)].to(dt)  # noqa: E731
     W_U, b_U = model.W_U.to(dt), model.b_U
     direction = W_U[:, ds.correct].T  # (B, d_model)
     if metric == "logit_diff":
         direction = direction - W_U[:, ds.wrong].T
-        actual = logit_diff(logits, ds.correct, ds.wrong, reduce="none")
+        actual = logit_diff(f_last, ds.correct, ds.wrong, reduce="none")
         ub = b_U[ds.correct] - b_U[ds.wrong] if b_U is not None else None
     else:
-        actual = logits[:, -1].gather(1, ds.correct[:, None])[:, 0]
+        actual = f_last.gather(1, ds.correct[:, None])[:, 0]
         ub = b_U[ds.correct] if b_U is not None else None
     if cfg.normalization_type in ("LN", "LNPre"):  # LayerNorm centres x: (x - mean x) . d = x . (d - mean d)
         direction = direction - direction.mean(-1, keepdim=True)
@@ -221,6 +235,7 @@ def direct_logit_attribution_all(
     sites: tuple[str, ...] | list[str] = DEFAULT_SITES,
     metric: Metric = "logit_diff",
     per_prompt: bool = False,
+    positions: str = "auto",  # position axis of attn_out / mlp_out: "auto" | "tokens" | "named" | "end"
 ) -> dict[str, AttributionResult]:
     """DLA of several sites from one forward pass (see ``direct_logit_attribution``).
 
@@ -232,6 +247,7 @@ def direct_logit_attribution_all(
     """
     _check(model, ds, metric)
     sites = check_sites(sites, DLA_SITES, name="sites", hints=SITE_HINTS)
+    axis = position_axis(ds, positions)
     scores = {}
     with runs.timer() as t:
         run = _run_dla(model, ds, metric, sources="attn_out" in sites)
@@ -242,18 +258,19 @@ def direct_logit_attribution_all(
                 scores[site] = _source_scores(run)
             else:
                 pp = torch.zeros(len(ds), model.cfg.n_layers, ds.n_pos, device=run.mlp.device, dtype=run.mlp.dtype)
-                pp[..., -1] = run.mlp
+                last = ds.last.to(pp.device)
+                pp[torch.arange(len(ds), device=pp.device), :, last] = run.mlp  # (B, L) at each prompt's last
                 scores[site] = pp
             check_finite(f"DLA: scores at site {site!r}", scores[site])
     return {
         site: AttributionResult(
-            scores=pp.mean(0),
+            scores=pp.mean(0) if site == "z" else on_axis(pp, axis),
             axes=("layer", "head") if site == "z" else ("layer", "pos"),
             method="dla",
             metric=metric,
-            labels={} if site == "z" else {"pos": ds.labels},
+            labels={} if site == "z" else {"pos": axis.labels},
             seconds=t["seconds"],  # the shared run's time
-            per_prompt=pp if per_prompt else None,
+            per_prompt=(pp if site == "z" else per_prompt_on_axis(pp, axis)) if per_prompt else None,
             meta={"site": site, "post_norm": run.post_norm},
         )
         for site, pp in scores.items()
@@ -267,6 +284,7 @@ def direct_logit_attribution(
     site: str = "z",
     metric: Metric = "logit_diff",
     per_prompt: bool = False,
+    positions: str = "auto",
 ) -> AttributionResult:
     """Direct logit attribution at the last position: (x_c / s) . (W_U[:, c] - W_U[:, w]).
 
@@ -274,6 +292,8 @@ def direct_logit_attribution(
     ``"mlp_out"`` (layer x position, nonzero only at the last position); see the module
     docstring. ``metric``: ``"logit_diff"`` (f_c - f_w) or ``"logit"`` (f_c alone).
     Scores are in logits, averaged over prompts (``per_prompt=True`` keeps each prompt's).
+    Prompts of different lengths are read at their own last token; ``positions`` picks
+    the position axis of ``attn_out``/``mlp_out`` (``mechsteer.tasks.positions``).
 
     >>> from mechsteer.tiny import tiny_model
     >>> from mechsteer.tasks import ioi
@@ -287,7 +307,8 @@ def direct_logit_attribution(
             f"site must be one site name (str), got {site!r}; for several sites use "
             f"direct_logit_attribution_all(model, ds, sites=[...]) (sites {list(DLA_SITES)})."
         )
-    return direct_logit_attribution_all(model, ds, sites=(site,), metric=metric, per_prompt=per_prompt)[site]
+    return direct_logit_attribution_all(model, ds, sites=(site,), metric=metric, per_prompt=per_prompt,
+                                        positions=positions)[site]
 
 
 def dla_terms(model, ds: ContrastiveDataset, *, metric: Metric = "logit_diff"):

@@ -38,7 +38,14 @@ from tqdm.auto import tqdm
 
 from mechsteer import runs
 from mechsteer._validate import check_finite, positive_int
-from mechsteer.attribution._common import Metric, check_dataset
+from mechsteer.attribution._common import (
+    Metric,
+    check_dataset,
+    check_linear_metric,
+    on_axis,
+    per_prompt_on_axis,
+    position_axis,
+)
 from mechsteer.attribution.lrp import rules as R
 from mechsteer.attribution.result import AttributionResult
 from mechsteer.sites import NORM_SCALE_EDIT_WARNING, HookFn, check_sites, hook_name, hooked, sites_for
@@ -120,7 +127,9 @@ def lrp_rules(
             yield calls
 
 
-def _key_mask(key_pos, n: int, n_pos: int) -> Tensor | None:
+def _key_mask(key_pos, n: int, n_pos: int, lengths: Tensor | None = None) -> Tensor | None:
+    """``(n, n_pos)`` 0/1 mask of the keys to read; a negative position counts from each
+    prompt's own end (its ``lengths``: prompts are right-padded)."""
     if key_pos is None:
         return None
     per_prompt = len(key_pos) > 0 and not isinstance(key_pos[0], int)
@@ -132,7 +141,7 @@ def _key_mask(key_pos, n: int, n_pos: int) -> Tensor | None:
         for p in row:
             if isinstance(p, bool) or not isinstance(p, int) or not -n_pos <= p < n_pos:
                 raise ValueError(f"key_pos entry {p!r} is not a position of these {n_pos}-token prompts.")
-            mask[i, p] = 1.0
+            mask[i, p if p >= 0 or lengths is None else int(lengths[i]) + p] = 1.0
     return mask
 
 
@@ -158,8 +167,11 @@ def _ids(v, n: int, model, name: str) -> Tensor | None:
     return v
 
 
-def _one_pass(model, tokens, answer, wrong, *, names, heads, query_pos, mask, positive, share, **rule_kw):
+def _one_pass(model, tokens, answer, wrong, *, names, heads, query_pos, mask, positive, share, last=None, **rule_kw):
     """One forward + one backward: target (B,), R_input (B,T), R_sites (B,S,L,T), R_heads (B,L,H).
+
+    ``last`` (B,): each prompt's last token (right-padded prompts), where f is read and
+    what ``query_pos=-1`` means; None: the last column.
 
     Readout hooks run after the rule hooks; each registers a tensor hook that reduces
     ``a * grad`` (float32) as soon as the backward pass reaches a, so no gradient is kept.
@@ -167,6 +179,11 @@ def _one_pass(model, tokens, answer, wrong, *, names, heads, query_pos, mask, po
     B, n_pos = tokens.shape
     L = model.cfg.n_layers
     dev = tokens.device
+    rows = torch.arange(B, device=dev)
+    if last is not None and query_pos == -1:
+        query_at = lambda x: x[rows, :, last]  # noqa: E731  (B, H, K) at each prompt's last query
+    else:
+        query_at = lambda x: x[:, :, query_pos]  # noqa: E731
     out = {
         "sites": torch.zeros(B, len(names), L, n_pos, device=dev),
         "heads": torch.zeros(B, L, model.cfg.n_heads, device=dev),
@@ -190,10 +207,10 @@ def _one_pass(model, tokens, answer, wrong, *, names, heads, query_pos, mask, po
 
     def head(layer: int) -> HookFn:
         def fn(x, hook):  # (B, H, Q, K), after the rule at this hook point
-            a = x.detach()[:, :, query_pos].float()
+            a = query_at(x.detach()).float()
 
             def read(g):
-                r = share * a * g[:, :, query_pos].float()  # (B, H, K)
+                r = share * a * query_at(g).float()  # (B, H, K)
                 r = r * mask[:, None] if mask is not None else r
                 out["heads"][:, layer] = (r.clamp(min=0) if positive else r).sum(-1)
 
@@ -207,7 +224,8 @@ def _one_pass(model, tokens, answer, wrong, *, names, heads, query_pos, mask, po
     extra += [(hook_name(s, l), site(i, l)) for i, s in enumerate(names) for l in range(L)]
     extra += [(hook_name("pattern", l), head(l)) for l in range(L)] if heads else []
     with lrp_rules(model, extra=extra, **rule_kw):
-        f = model(tokens)[:, -1].float()  # (B, vocab)
+        logits = model(tokens)
+        f = (logits[:, -1] if last is None else logits[rows, last]).float()  # (B, vocab)
         idx = torch.arange(B, device=f.device)
         target = f[idx, answer] - (f[idx, wrong] if wrong is not None else 0.0)
         grads = torch.autograd.grad(target.sum(), leaves)
@@ -217,6 +235,7 @@ def _one_pass(model, tokens, answer, wrong, *, names, heads, query_pos, mask, po
 
 def _metric(metric, target) -> str | None:
     """``metric=`` (or the deprecated ``target=``): None (the data's default) or one of ``METRICS``."""
+    check_linear_metric(metric, "AttnLRP")
     if target is not None:
         warnings.warn("attnlrp(target=...) is now attnlrp(metric=...); target= goes in the next release.",
                       DeprecationWarning, stacklevel=3)
@@ -250,6 +269,7 @@ def attnlrp(
     batch_size: int = 32,
     progress: bool = True,
     target: str | None = None,
+    positions: str = "auto",
 ) -> AttributionResult | dict[str, AttributionResult]:
     """AttnLRP relevances R(a) = a * d~f/da, all readouts from one forward + one backward.
 
@@ -264,6 +284,13 @@ def attnlrp(
     (same numbers). Scores are means over prompts; ``meta["target"]`` holds each f, so
     ``per_prompt`` input relevances summed over positions can be compared with it.
     ``batch_size`` is the number of prompts (sequences) per forward + backward pass.
+
+    A dataset of prompts of different lengths (right-padded) is explained at each prompt's
+    own last token: f is read there, ``query_pos=-1`` and negative ``key_pos`` count from
+    each prompt's end, and the ``"input"`` and ``"sites"`` relevances are put on the
+    ``positions`` axis (``"auto"`` | ``"tokens"`` | ``"named"`` | ``"end"``,
+    ``mechsteer.tasks.positions``), each entry averaged over the prompts that have it.
+    Pads get exactly 0 relevance (no relevance flows backwards in time).
 
     >>> from mechsteer.tiny import tiny_model
     >>> from mechsteer.tasks import ioi
@@ -285,9 +312,15 @@ def attnlrp(
         if answer is not None or wrong is not None:
             raise ValueError("A ContrastiveDataset brings its own answers; pass answer=/wrong= only with raw tokens.")
         metric = metric or "logit_diff"
-        tokens, answer, wrong, labels = data.tokens, data.correct, data.wrong, data.labels
+        axis = position_axis(data, positions)
+        tokens, answer, wrong, labels = data.tokens, data.correct, data.wrong, axis.labels
+        last = data.last.cpu() if data.is_padded else None
     else:
         metric = metric or "logit"
+        axis, last = None, None
+        if positions not in ("auto", "tokens"):
+            raise ValueError(f"positions={positions!r} needs a ContrastiveDataset (lengths, named positions); raw "
+                             "tokens are one length: use positions='auto'.")
         tokens = _tokens(data, model)
         labels = [f"{i}:{t}" for i, t in enumerate(model.to_str_tokens(data[0]))]
         if answer is None or (metric == "logit_diff" and wrong is None):
@@ -299,7 +332,7 @@ def attnlrp(
     if isinstance(query_pos, bool) or not isinstance(query_pos, int) or not -n_pos <= query_pos < n_pos:
         raise ValueError(f"query_pos {query_pos!r} is beyond the prompt: it has {n_pos} tokens.")
     batch_size = positive_int("batch_size", batch_size)
-    mask = _key_mask(key_pos, n, n_pos)
+    mask = _key_mask(key_pos, n, n_pos, None if last is None else last + 1)
     share = 0.5 if rules and variant == "attnlrp" else 1.0  # A's half of A.V (uniform rule)
     parts = []
     starts = range(0, n, batch_size)
@@ -312,6 +345,7 @@ def attnlrp(
                 names=names if "sites" in wanted else [], heads="heads" in wanted, query_pos=query_pos,
                 mask=mask[sl].to(model.cfg.device) if mask is not None else None,
                 positive=positive, share=share, variant=variant, uniform=uniform, rules=rules,
+                last=None if last is None else last[sl].to(model.cfg.device),
             ))
     f, r_input, r_sites, r_heads = (torch.cat(p) for p in zip(*parts))
     check_finite(f"attnlrp: the explained {metric} f", f)
@@ -325,8 +359,12 @@ def attnlrp(
     }
     for k in wanted:
         check_finite(f"attnlrp: {k!r} relevances", made[k][0])
-    results = {
-        k: AttributionResult(scores=v.mean(0), axes=ax, labels=lab, per_prompt=v if per_prompt else None, **common)
-        for k, (v, ax, lab) in made.items() if k in wanted
-    }
+    results = {}
+    for k, (v, ax, lab) in made.items():
+        if k not in wanted:
+            continue
+        on = axis is not None and "pos" in ax  # per prompt in token coordinates -> the position axis
+        results[k] = AttributionResult(
+            scores=on_axis(v, axis) if on else v.mean(0), axes=ax, labels=lab,
+            per_prompt=(per_prompt_on_axis(v, axis) if on else v) if per_prompt else None, **common)
     return results[wanted[0]] if isinstance(readout, str) else results
