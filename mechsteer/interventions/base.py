@@ -9,7 +9,8 @@ learnable parameters theta and a run-time strength beta. beta = 0 is exactly the
 site's selected activations change (``edit``). Sites are ``attn_out``, ``mlp_out``,
 ``resid_post`` (a d_model vector per position) and per-head ``z`` (n_heads x d_head per
 position, so a location there is (layer, pos, head)). Positions are ``"all"``, ``"last"``
-or a list of ints.
+or a list of ints; on prompts of mixed lengths, slots of a position axis bound per prompt
+(``mechsteer.interventions.positions``: ``for_dataset``, ``token_index``, ``bind``).
 
 beta may be a float or a ``(batch,)`` tensor: one beta per prompt. A training step stacks
 the prompts twice and runs beta = [+1]*B + [-1]*B as ONE batch (``plus_minus_batch``).
@@ -54,7 +55,6 @@ True
 from __future__ import annotations
 
 import contextlib
-import functools
 import numbers
 from collections.abc import Iterator, Sequence
 
@@ -63,19 +63,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechsteer._validate import finite_float, positive_int
+from mechsteer.interventions import positions as positions_
+from mechsteer.interventions.positions import as_index
+from mechsteer.interventions.scope import watch_generate
 from mechsteer.sites import get_site, hook_name, hooked, sites_for
 
 ALLOWED_SITES = sites_for("intervene")  # the site module says where an intervention may edit
 DEFAULT_INIT_STD = 1e-5  # App. A.1: parameters start as Gaussian noise
-
-
-def _index(name: str, x) -> int:
-    """``x`` as an int if it is an integer (a 0-d integer tensor too; bools and floats refused)."""
-    if isinstance(x, Tensor) and x.ndim == 0 and not x.is_floating_point():
-        x = x.item()
-    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
-        raise TypeError(f"{name} must hold integers, got {x!r} ({type(x).__name__}).")
-    return int(x)
 
 
 def check_beta(beta):
@@ -134,6 +128,7 @@ class Intervention(torch.nn.Module):
         n_heads: int | None = None,  # needed for site "z"
         d_head: int | None = None,  # needed for site "z"
         n_pos: int | None = None,  # prompt length (position-bound interventions)
+        slots: Sequence[str] | None = None,  # position-axis labels, one parameter each (positions.py)
         init_std: float = DEFAULT_INIT_STD,  # std of the Gaussian init (App. A.1)
         seed: int = 0,  # seeds the init
     ):
@@ -145,11 +140,11 @@ class Intervention(torch.nn.Module):
         init_std = finite_float("init_std", init_std)
         if init_std < 0:
             raise ValueError(f"init_std must be >= 0 (the std of the Gaussian init), got {init_std}.")
-        seed = _index("seed", seed)
+        seed = as_index("seed", seed)
         self.sites = _check_sites(sites)
         if isinstance(layers, (str, numbers.Number)):
             raise TypeError(f"layers must be a list of ints (or None for every layer), got {layers!r}.")
-        self.layers = tuple(range(n_layers)) if layers is None else tuple(_index("layers", x) for x in layers)
+        self.layers = tuple(range(n_layers)) if layers is None else tuple(as_index("layers", x) for x in layers)
         if (
             not self.layers
             or any(not 0 <= x < n_layers for x in self.layers)
@@ -160,7 +155,14 @@ class Intervention(torch.nn.Module):
             raise ValueError("Site 'z' needs n_heads and d_head; pass them or use for_model(model, ...).")
         self.n_layers, self.d_model, self.n_heads, self.d_head = n_layers, d_model, n_heads, d_head
         self.n_pos, self.init_std, self.seed = n_pos, init_std, seed
-        self.positions = self._check_positions(positions, n_pos)
+        self.slots = positions_.check_slots(slots)
+        if self.slots is not None:
+            if positions != "all" or n_pos not in (None, len(self.slots)):
+                raise ValueError(f"slots give the positions (one per slot): leave positions='all' and n_pos=None, "
+                                 f"got positions={positions!r}, n_pos={n_pos}.")
+            n_pos = len(self.slots)
+        self.positions = positions_.check_positions(self, positions, n_pos)
+        self._bound: Tensor | None = None  # where of the batch about to run (bind)
         gen = torch.Generator().manual_seed(seed)
         self.params = torch.nn.ParameterDict(
             {s: torch.nn.Parameter(torch.randn(self.param_shape(s), generator=gen) * init_std) for s in self.sites}
@@ -168,35 +170,46 @@ class Intervention(torch.nn.Module):
             else {}
         )
 
-    def _check_positions(self, positions, n_pos):
-        if isinstance(positions, str):
-            if positions not in ("all", "last"):
-                raise ValueError(f"positions={positions!r}: use 'all', 'last' or a list of ints.")
-            if positions == "all" and self.position_bound and n_pos is None:
-                raise ValueError(f"{type(self).__name__} with positions='all' needs n_pos (the prompt length).")
-            return positions
-        if isinstance(positions, numbers.Number) or isinstance(positions, Tensor) and positions.ndim == 0:
-            raise TypeError(f"positions must be 'all', 'last' or a list of ints, got {positions!r}.")
-        pos = tuple(_index("positions", p) for p in positions)
-        if not pos or len(set(pos)) != len(pos):
-            raise ValueError(f"positions {positions!r} must be a non-empty list of distinct ints.")
-        if self.position_bound and n_pos is None:
-            raise ValueError(f"{type(self).__name__} with a list of positions needs n_pos (the prompt length).")
-        if n_pos is not None:
-            bad = [p for p in pos if not -n_pos <= p < n_pos]
-            if bad:
-                raise ValueError(f"Positions {bad} are beyond prompts of n_pos={n_pos} tokens (0..{n_pos - 1}).")
-            pos = tuple(p % n_pos for p in pos)
-            if len(set(pos)) != len(pos):
-                raise ValueError(f"positions {positions!r} name the same token twice for n_pos={n_pos}.")
-        return pos
-
     @classmethod
     def for_model(cls, model, sites=("attn_out", "mlp_out"), layers=None, positions="all", n_pos=None, **kwargs):
         """Build for ``model``'s shapes (n_layers, d_model, n_heads, d_head from ``model.cfg``)."""
         cfg = model.cfg
         return cls(sites, layers, positions, n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads,
                    d_head=cfg.d_head, n_pos=n_pos, **kwargs)
+
+    @classmethod
+    def for_dataset(cls, model, ds, sites=("attn_out", "mlp_out"), layers=None, positions="all", *,
+                    axis: str = "auto", **kwargs):
+        """Build for ``model`` and the prompts of ``ds``: position-bound ``positions="all"``
+        gets one parameter per entry of ``ds.position_axis(axis)`` (``"auto"``: token
+        columns for equal lengths, as ``for_model(n_pos=ds.n_pos)``; else named or
+        end-relative slots); other kinds ``n_pos=ds.n_pos`` (None for "last" on mixed lengths).
+
+        >>> from mechsteer.tasks.base import build_dataset
+        >>> from mechsteer.tasks.ccc import ccc_candidates
+        >>> from mechsteer.tiny import tiny_model
+        >>> model = tiny_model("llama")
+        >>> ds = build_dataset("ccc", model, ccc_candidates(0, templates=[0, 1])[:8], n=None, seed=0, same_length=False)
+        >>> from mechsteer.interventions import ActivScalar
+        >>> ActivScalar.for_dataset(model, ds, sites=["mlp_out"]).slots[-3:]
+        ('end-2', 'end-1', 'end')
+        """
+        return positions_.for_dataset(cls, model, ds, sites, layers, positions, axis, **kwargs)
+
+    def token_index(self, ds) -> Int[Tensor, "batch n_sel"] | None:
+        """Per prompt of ``ds``, the token index of each selected position (-1: absent), for
+        ``bind``; None when an unbound forward is already exact (no pads, no slots)."""
+        return positions_.token_index(self, ds)
+
+    @contextlib.contextmanager
+    def bind(self, where: Int[Tensor, "batch n_sel"] | None) -> Iterator["Intervention"]:
+        """Inside the block, prompt b of each forward edits its tokens ``where[b]`` (slot j's
+        parameter at token where[b, j]; -1 absent); ``None``: the plain column path."""
+        prev, self._bound = self._bound, positions_.check_where(where, self.n_sel_pos or 1)
+        try:
+            yield self
+        finally:
+            self._bound = prev
 
     # --- shapes -------------------------------------------------------------------
     @property
@@ -226,22 +239,11 @@ class Intervention(torch.nn.Module):
         """h~ for the selected positions: h (batch, pos_sel, *tail), beta (batch,)."""
         raise NotImplementedError
 
-    def _pos_index(self, n: int, device) -> Tensor | None:
-        if self.position_bound and self.n_pos is not None and n != self.n_pos:
-            raise ValueError(
-                f"{type(self).__name__} was built for prompts of {self.n_pos} tokens, got {n}: its parameters "
-                "are tied to positions. Use prompts of that length, or DynScalar for any length."
-            )
-        if self.positions == "all":
-            return None
-        pos = [n - 1] if self.positions == "last" else list(self.positions)
-        bad = [p for p in pos if not -n <= p < n]
-        if bad:
-            raise ValueError(f"Positions {bad} are beyond this prompt of {n} tokens.")
-        return torch.tensor([p % n for p in pos], device=device)
-
     def _steer(self, site: str, li: int, x: Tensor, b: Tensor) -> Tensor:
-        idx = self._pos_index(x.shape[1], x.device)
+        where = positions_.where_for_forward(self, self._bound, x)
+        if where is not None:  # each prompt at its own tokens (positions.py)
+            return positions_.steer_at(x, where, lambda h: self.edit(site, li, h, b))
+        idx = positions_.column_index(self, x.shape[1], x.device)
         if idx is None:
             return self.edit(site, li, x, b)  # (B, T, *tail)
         return x.index_copy(1, idx, self.edit(site, li, x[:, idx], b))
@@ -254,7 +256,7 @@ class Intervention(torch.nn.Module):
             return "cached"  # KV cache: one new token
         if prompt is not None and last is not None and last >= prompt and n == last + 1:
             return "rerun"  # no KV cache: the whole sequence again, one token longer
-        if self.position_bound and self.n_pos is not None and n != self.n_pos:
+        if self.position_bound and self.n_pos is not None and self.slots is None and self._bound is None and n != self.n_pos:
             raise ValueError(
                 f"{type(self).__name__} was built for prompts of {self.n_pos} tokens, got a generation prompt "
                 f"of {n}: the first forward of generate() is the prompt and must have n_pos tokens. Use such "
@@ -317,20 +319,23 @@ class Intervention(torch.nn.Module):
         *,
         check_fired: bool = True,
         generation: bool | str = False,
+        where: Int[Tensor, "batch n_sel"] | None = None,
     ) -> Iterator[dict[str, int]]:
         """Run ``model`` steered at strength ``beta`` (a float or one per prompt) inside the block.
 
         ``generation=True`` for ``model.generate`` (see the module docstring: position-bound
         interventions steer the prompt, DynScalar every token); ``"auto"``: plain runs and
         ``model.generate`` calls in one block, each told apart. Hooks are scoped and checked
-        by ``mechsteer.sites.hooked``; yields its call counts.
+        by ``mechsteer.sites.hooked``; yields its call counts. ``where``: ``bind`` it in the block.
         """
         if not (isinstance(generation, bool) or generation == "auto"):
             raise ValueError(f"generation must be False, True or 'auto', got {generation!r}.")
         beta = check_beta(beta)
         self.check_model(model)
         with contextlib.ExitStack() as stack:
-            scope = stack.enter_context(_watch_generate(model)) if generation == "auto" else None
+            scope = stack.enter_context(watch_generate(model)) if generation == "auto" else None
+            if where is not None:
+                stack.enter_context(self.bind(where))
             hooks = [
                 (hook_name(s, l, model), self._hook(s, li, beta, generation is True, scope))
                 for s in self.sites
@@ -349,35 +354,8 @@ class Intervention(torch.nn.Module):
             return model(tokens, logits_to_keep=1) if last_only else model(tokens)
 
     def extra_repr(self) -> str:
-        return f"sites={self.sites}, layers={self.layers}, positions={self.positions!r}, n_pos={self.n_pos}, n_params={self.n_params}"
-
-
-@contextlib.contextmanager
-def _watch_generate(model) -> Iterator[dict[str, int]]:
-    """Inside the block, ``model.generate`` marks its forwards (``scope["active"]``) and numbers
-    its calls (``scope["call"]``): a wrapper in this instance's ``__dict__`` (the bridge
-    forwards ``setattr``), removed on exit; an outer block's wrapper is called through."""
-    scope = {"active": 0, "call": 0}
-    inner = model.generate  # the class's method, or an outer block's wrapper
-    saved = model.__dict__.get("generate")
-
-    @functools.wraps(inner)
-    def generate(*args, **kwargs):
-        scope["call"] += 1
-        scope["active"] += 1
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            scope["active"] -= 1
-
-    model.__dict__["generate"] = generate
-    try:
-        yield scope
-    finally:
-        if saved is None:
-            model.__dict__.pop("generate", None)
-        else:
-            model.__dict__["generate"] = saved
+        where = f"slots={list(self.slots)}" if self.slots is not None else f"positions={self.positions!r}, n_pos={self.n_pos}"
+        return f"sites={self.sites}, layers={self.layers}, {where}, n_params={self.n_params}"
 
 
 def steer(

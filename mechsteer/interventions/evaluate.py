@@ -5,7 +5,9 @@ Three measures, each on a dataset split (train or test):
 - Effectiveness E_0: Eq. 6 with margin m = 0, in (-inf, 0]. E_0 = 0 means beta = +1 always
   makes the correct answer win and beta = -1 always makes the wrong one win.
 - Faithfulness F: Eq. 7 unchanged, in (-inf, 0]; 0 means the full next-token distribution
-  at the last position is untouched at beta = +1 and -1.
+  at the last position is untouched at beta = +1 and -1. Both read each prompt's own last
+  token x_n (Eq. 7's f(x_n)), so right-padded prompts of mixed lengths count exactly as
+  each prompt alone; pad positions never enter a mean.
 - Minimality: the number of non-negligible parameters, |theta_j| > 0.01 (the paper's
   threshold). For SteerVec also the number of locations (site, layer, pos[, head]) whose
   vector has any such element, since one location costs d_model parameters there.
@@ -37,7 +39,7 @@ from mechsteer.interventions.objective import (
     faithfulness,
     plus_minus_logits,
 )
-from mechsteer.interventions.train import check_inputs
+from mechsteer.interventions.train import batch_view, check_inputs, dataset_tensors
 from mechsteer.interventions.vectors import SteerVec
 
 NEGLIGIBLE = 0.01  # Sec. 3.4: parameters with |value| <= 0.01 count as zero
@@ -65,17 +67,20 @@ def active_locations(intervention: SteerVec, threshold: float = NEGLIGIBLE) -> i
 def mean_e0_f(
     model, intervention: Intervention, tokens: Int[Tensor, "batch pos"], correct: Int[Tensor, " batch"],
     wrong: Int[Tensor, " batch"], clean: Float[Tensor, "batch vocab"] | None = None, *, batch_size: int = 32,
-    strength: float = 1.0,
+    strength: float = 1.0, pos: int | Int[Tensor, " batch"] = -1, where: Tensor | None = None,
 ) -> tuple[float, float]:
     """(E_0, F) averaged over all prompts, ``batch_size`` prompts per forward (each run at
     beta = +strength and -strength in that forward: 2 x batch_size sequences). ``clean``:
-    the clean last-position logits if already computed (else one clean pass per batch)."""
+    the clean logits if already computed (else one clean pass per batch). ``pos``: each
+    prompt's answer position (``ds.answer_pos``); ``where``: its token indices to bind
+    (``intervention.token_index(ds)``); ``train.dataset_tensors`` gives all of them."""
     n = tokens.shape[0]
     e_sum = f_sum = 0.0
     for i in range(0, n, batch_size):
         sl = slice(i, i + batch_size)
-        f = clean_last_logits(model, tokens[sl]) if clean is None else clean[sl]
-        f_plus, f_minus = plus_minus_logits(model, intervention, tokens[sl], strength)  # one pass, beta = +-strength
+        t, p, w = batch_view(tokens, pos, where, sl)
+        f = clean_last_logits(model, t, p) if clean is None else clean[sl]
+        f_plus, f_minus = plus_minus_logits(model, intervention, t, strength, pos=p, where=w)  # one pass, beta = +-strength
         e_sum += effectiveness(f_plus, f_minus, correct[sl], wrong[sl], margin=0.0).item() * len(f)
         f_sum += faithfulness(f_plus, f_minus, f).item() * len(f)
     return e_sum / n, f_sum / n
@@ -100,9 +105,9 @@ def evaluate(model, intervention: Intervention, ds, batch_size: int = 32) -> dic
         check_finite(f"evaluate: the intervention's parameters at site {site!r}", p.detach())
     device = next(model.parameters()).device
     intervention.to(device)
-    tokens, correct, wrong = (t.to(device) for t in (ds.tokens, ds.correct, ds.wrong))
+    tokens, correct, wrong, pos, where = dataset_tensors(model, intervention, ds)
     with naming("evaluate"):
-        e0, f = mean_e0_f(model, intervention, tokens, correct, wrong, batch_size=batch_size)
+        e0, f = mean_e0_f(model, intervention, tokens, correct, wrong, batch_size=batch_size, pos=pos, where=where)
     check_finite("evaluate: effectiveness E_0 and faithfulness F", torch.tensor([e0, f]))
     out: dict[str, float | int] = {
         "effectiveness": e0,

@@ -1,6 +1,7 @@
 """The three-term objective for learning interventions (seed paper 003, Sec. 3.3).
 
-With f~+ / f~- the intervened last-position logits at beta = +1 / -1, f the clean logits,
+With f~+ / f~- the intervened logits at beta = +1 / -1, f the clean logits (all at each
+prompt's own last token x_n, right-padded prompts included: ``answer_logits``),
 c_n / w_n the correct / wrong answer tokens and N prompts:
 
 - Effectiveness (Eq. 6): E_m = -(1/N) sum_n [ max(0, f~+_{w_n} - f~+_{c_n} + m)
@@ -99,18 +100,45 @@ def objective(
     return ObjectiveTerms(psi=e + lambda_f * f + lambda_m * m, effectiveness=e, faithfulness=f, minimality=m)
 
 
+def answer_logits(
+    model, tokens: Int[Tensor, "batch pos"], pos: int | Int[Tensor, " batch"] = -1
+) -> Float[Tensor, "batch vocab"]:
+    """Logits at each prompt's answer position ``pos`` (-1: the last column; a ``(batch,)``
+    tensor: each right-padded prompt's own last token, ``ds.answer_pos``). Only the columns
+    from the earliest such position on are unembedded."""
+    if isinstance(pos, int):
+        if pos != -1:
+            raise ValueError(f"pos must be -1 or a (batch,) tensor of token indices, got {pos}.")
+        return model(tokens, logits_to_keep=1)[:, -1]
+    T = tokens.shape[1]
+    pos = pos.to(tokens.device).long()
+    keep = T - int(pos.min())  # the last `keep` columns hold every answer position
+    logits = model(tokens, logits_to_keep=keep)  # (B, keep, V)
+    return logits[torch.arange(len(pos), device=logits.device), pos.to(logits.device) - (T - keep)]
+
+
 @torch.no_grad()
-def clean_last_logits(model, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch vocab"]:
-    """Clean logits f(x_n) at the last position, without gradient (compute once per dataset)."""
-    return model(tokens, logits_to_keep=1)[:, -1]
+def clean_last_logits(
+    model, tokens: Int[Tensor, "batch pos"], pos: int | Int[Tensor, " batch"] = -1
+) -> Float[Tensor, "batch vocab"]:
+    """Clean logits f(x_n) at each prompt's last token, without gradient (compute once per dataset)."""
+    return answer_logits(model, tokens, pos)
+
+
+def twice(x: Tensor | int | None) -> Tensor | int | None:
+    """Rows of ``x`` stacked twice, like the prompts of ``plus_minus_batch`` (ints and None kept)."""
+    return torch.cat([x, x]) if isinstance(x, Tensor) else x
 
 
 def plus_minus_logits(
-    model, intervention: Intervention, tokens: Int[Tensor, "batch pos"], strength: float | Tensor = 1.0
+    model, intervention: Intervention, tokens: Int[Tensor, "batch pos"], strength: float | Tensor = 1.0,
+    *, pos: int | Int[Tensor, " batch"] = -1, where: Int[Tensor, "batch n_sel"] | None = None,
 ) -> tuple[Float[Tensor, "batch vocab"], Float[Tensor, "batch vocab"]]:
-    """(f~+, f~-) at the last position from ONE forward pass of the prompts stacked twice,
-    at beta = +strength and -strength (a 0-d tensor ``strength`` carries its gradient)."""
+    """(f~+, f~-) at each prompt's last token (``pos``) from ONE forward pass of the prompts
+    stacked twice, at beta = +strength and -strength (a 0-d tensor ``strength`` carries its
+    gradient); ``where``: the prompts' token indices to bind (``Intervention.token_index``)."""
     both, beta = plus_minus_batch(tokens)
-    logits = intervention(model, both, beta * strength, last_only=True)[:, -1]  # (2B, V)
+    with intervention.apply(model, beta * strength, where=twice(where)):
+        logits = answer_logits(model, both, twice(pos))  # (2B, V)
     b = tokens.shape[0]
     return logits[:b], logits[b:]

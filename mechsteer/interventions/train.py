@@ -6,8 +6,11 @@ The intervention's parameters theta are fitted with Adam to maximise
 
 i.e. by minimising -Psi over shuffled mini-batches of a ``ContrastiveDataset``. Each step
 runs the batch at beta = +1 and beta = -1 as ONE forward pass (``plus_minus_logits``), and
-compares against the clean last-position logits f, computed once for the whole dataset
-without gradient. Only theta trains: the gradient is taken with ``torch.autograd.grad``
+compares against the clean logits f, computed once for the whole dataset without gradient.
+All logits are read at each prompt's own last token: datasets of mixed prompt lengths
+(right-padded) train as they are, each batch binding its prompts' token indices to the
+intervention (``Intervention.token_index`` / ``bind``; ``for_dataset`` builds
+ActivScalar and SteerVec on end-relative or named slots for such data). Only theta trains: the gradient is taken with ``torch.autograd.grad``
 w.r.t. the intervention's parameters, so the model's weights and their ``.grad`` are never
 touched. Hooks are scoped (``mechsteer.sites.hooked``), so none outlive a step.
 
@@ -101,15 +104,44 @@ def check_inputs(model, intervention, ds) -> None:
     intervention.check_model(model)
 
 
+def rows(x: Tensor | int | None, idx) -> Tensor | int | None:
+    """``x[idx]`` for a per-prompt tensor; an int (-1: every prompt's last column) or None as is."""
+    return x[idx] if isinstance(x, Tensor) else x
+
+
+def batch_view(tokens: Int[Tensor, "batch pos"], pos, where, idx):
+    """The prompts ``idx``: their tokens cut to the longest one's length (pad columns no
+    prompt of the batch needs are dropped), answer positions and bound token indices."""
+    p, w = rows(pos, idx), rows(where, idx)
+    t = tokens[idx]
+    if isinstance(p, Tensor):
+        t = t[:, : int(p.max()) + 1]
+    return t, p, w
+
+
+def dataset_tensors(model, intervention: Intervention, ds):
+    """(tokens, correct, wrong, pos, where) of ``ds`` on the model's device: ``pos`` each
+    prompt's answer position (-1 when none is padded), ``where`` the intervention's
+    per-prompt token indices (None when an unbound forward is exact)."""
+    device = next(model.parameters()).device
+    tokens, correct, wrong = (t.to(device) for t in (ds.tokens, ds.correct, ds.wrong))
+    pos = ds.answer_pos
+    pos = pos.to(device) if isinstance(pos, Tensor) else pos
+    where = intervention.token_index(ds)
+    return tokens, correct, wrong, pos, (where.to(device) if where is not None else None)
+
+
 @torch.no_grad()
 def batched_clean_logits(
-    model, tokens: Int[Tensor, "batch pos"], batch_size: int = 32
+    model, tokens: Int[Tensor, "batch pos"], batch_size: int = 32, pos: int | Int[Tensor, " batch"] = -1
 ) -> Float[Tensor, "batch vocab"]:
-    """Clean last-position logits f for all prompts, in batches, without gradient."""
+    """Clean logits f at each prompt's last token (``pos``) for all prompts, in batches, without gradient."""
     batch_size = positive_int("batch_size", batch_size)
-    return torch.cat(
-        [clean_last_logits(model, tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)]
-    )
+    out = []
+    for i in range(0, len(tokens), batch_size):
+        t, p, _ = batch_view(tokens, pos, None, slice(i, i + batch_size))
+        out.append(clean_last_logits(model, t, p))
+    return torch.cat(out)
 
 
 def train(model, intervention: Intervention, ds, config: TrainConfig = TrainConfig()) -> pd.DataFrame:
@@ -126,9 +158,9 @@ def train(model, intervention: Intervention, ds, config: TrainConfig = TrainConf
         raise ValueError("The intervention has no trainable parameters (all have requires_grad=False).")
     device = next(model.parameters()).device
     intervention.to(device)
-    tokens, correct, wrong = (t.to(device) for t in (ds.tokens, ds.correct, ds.wrong))
+    tokens, correct, wrong, pos, where = dataset_tensors(model, intervention, ds)
     n = tokens.shape[0]
-    clean = batched_clean_logits(model, tokens, config.batch_size)  # (N, V), once, no grad
+    clean = batched_clean_logits(model, tokens, config.batch_size, pos)  # (N, V), once, no grad
     check_finite("train: the model's clean last-position logits", clean)
     for site, p in intervention.params.items():
         check_finite(f"train: the intervention's initial parameters at site {site!r}", p.detach())
@@ -145,7 +177,8 @@ def train(model, intervention: Intervention, ds, config: TrainConfig = TrainConf
             for i in range(0, n, config.batch_size):
                 idx = order[i : i + config.batch_size]
                 with torch.enable_grad():
-                    f_plus, f_minus = plus_minus_logits(model, intervention, tokens[idx])
+                    t, p, w = batch_view(tokens, pos, where, idx)
+                    f_plus, f_minus = plus_minus_logits(model, intervention, t, pos=p, where=w)
                     try:  # the metrics refuse NaN logits; say where training got them
                         terms = objective(
                             f_plus, f_minus, clean[idx], correct[idx], wrong[idx], intervention,
