@@ -1,6 +1,8 @@
 """Tasks: datasets of prompts and answers that methods explain or steer."""
 
-from mechsteer.tasks.base import ContrastiveDataset, build_dataset
+from mechsteer.tasks.base import build_dataset
+from mechsteer.tasks.dataset import ContrastiveDataset
+from mechsteer.tasks.records import from_records, load_records
 from mechsteer.tasks.ccc import ccc
 from mechsteer.tasks.ioi import ioi
 
@@ -14,4 +16,4 @@ def make_task(name: str, model, n: int | None = 64, seed: int = 0, **kwargs) -> 
     return TASKS[name](model, n=n, seed=seed, **kwargs)
 
 
-__all__ = ["ContrastiveDataset", "build_dataset", "ccc", "ioi", "make_task", "TASKS"]
+__all__ = ["ContrastiveDataset", "build_dataset", "from_records", "load_records", "ccc", "ioi", "make_task", "TASKS"]

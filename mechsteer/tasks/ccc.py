@@ -7,6 +7,11 @@ The context asserts a wrong capital, the question asks for the real one:
 ``correct`` is the real capital, ``wrong`` the in-context one. The corrupted prompt states
 the true capital, so it has the same token length and an uncontested answer.
 
+Named positions (``ds.positions``, character spans of the template's slots read at their
+last token): ``country`` (its first mention, in the context), ``context`` (the capital the
+context states: the wrong one in the clean prompt), ``query`` (the country in the
+question); ``end`` is implied.
+
 ``CCC_TEMPLATES`` holds phrasings of different token lengths (index 0 is the one above);
 ``template`` picks one or several. Every template sees the same (country, wrong capital)
 pairs, so with one seed the datasets of two templates hold the same facts in the same
@@ -21,7 +26,8 @@ import random
 from collections.abc import Sequence
 
 from mechsteer._validate import nonneg_int, positive_int
-from mechsteer.tasks.base import Candidate, ContrastiveDataset, build_dataset, template_indices
+from mechsteer.tasks.base import Candidate, ContrastiveDataset, candidate_records, fill_spans, template_indices
+from mechsteer.tasks.records import from_records
 from mechsteer.tasks.data import CCC_EXCLUDE, CCC_TEMPLATES, COUNTRY_CAPITALS
 
 
@@ -44,23 +50,31 @@ def ccc_candidates(seed: int = 0, per_country: int = 3, templates: Sequence[int]
         others = [k for k in capitals if k != capital]
         for wrong in rng.sample(others, per_country):
             for t in templates:
+                prompt, spans = fill_spans(CCC_TEMPLATES[t], {"country": country, "capital": wrong})
+                where = [(lo, hi) for _, lo, hi in spans]  # country, capital, country
                 out.append(
                     Candidate(
-                        prompt=CCC_TEMPLATES[t].format(country=country, capital=wrong),
+                        prompt=prompt,
                         corrupted=CCC_TEMPLATES[t].format(country=country, capital=capital),
                         correct=" " + capital,
                         wrong=" " + wrong,
                         meta={"country": country, "capital": capital, "in_context": wrong, "template": t},
+                        positions={"country": where[0], "context": where[1], "query": where[2]},
                     )
                 )
     return out
 
 
-def ccc(model, n: int | None = 64, seed: int = 0, template: int | list[int] | None = 0) -> ContrastiveDataset:
-    """Build the CCC dataset for ``model``'s tokenizer (``n`` items, or all valid if None).
+def ccc(
+    model, n: int | None = 64, seed: int = 0, template: int | list[int] | None = 0, same_length: bool = True
+) -> ContrastiveDataset:
+    """Build the CCC dataset for ``model``'s tokenizer (``n`` items, or all valid if None),
+    through ``from_records``, shuffled by ``seed``.
 
     ``template`` picks one index into ``CCC_TEMPLATES`` (default 0, the paper's), a list,
-    or None for all; with several, the largest group of equal-length prompts is kept.
+    or None for all. ``same_length=True`` keeps single-token answers and the largest group
+    of equal-length prompts (the historical dataset); ``same_length=False`` keeps every
+    valid item: prompts of mixed lengths (right-padded) and multi-token answers.
 
     >>> from mechsteer.tiny import tiny_model
     >>> ds = ccc(tiny_model("gpt2"), n=8)
@@ -71,4 +85,6 @@ def ccc(model, n: int | None = 64, seed: int = 0, template: int | list[int] | No
     (True, True)
     """
     n, seed = positive_int("n", n, allow_none=True), nonneg_int("seed", seed)
-    return build_dataset("ccc", model, ccc_candidates(seed, templates=_template_indices(template)), n=n, seed=seed)
+    records = candidate_records(ccc_candidates(seed, templates=_template_indices(template)))
+    return from_records(model, records, name="ccc", n=n, seed=seed, min_items=2, same_length=same_length,
+                        single_token=same_length, warn=False)
