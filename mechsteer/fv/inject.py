@@ -30,6 +30,9 @@ Both helpers are thin wrappers over the fixed-parameter interventions of
 in ``model.generate`` the prompt's last position (with ``every_step=True`` each generated
 token's position too, as in Todd et al.'s and paper 000's Table 2 code). Cached and
 uncached generation steer the same positions (the base's one generation-step rule).
+A right-padded batch of prompts of different lengths passes ``last=ds.last`` (each
+prompt's own last token); the FV pipeline itself never pads (``FVPrompts.batches`` groups
+prompts of one length), so its position -1 is always each prompt's last token.
 
 >>> import torch
 >>> from mechsteer.tiny import tiny_model
@@ -49,7 +52,7 @@ import contextlib
 from collections.abc import Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechsteer.attribution.result import AttributionResult
@@ -124,17 +127,19 @@ def inject_fv(
     scale: float | int = 1.0,
     *,
     every_step: bool = False,
+    last: Int[Tensor, " batch"] | None = None,
 ) -> contextlib.AbstractContextManager[dict[str, int]]:
     """Add scale * FV to the residual stream after block ``layer``, at the last position:
     ``FunctionVector(fv, layer).apply(model, beta=scale)``, yielding ``hooked``'s call counts.
 
-    Hooks ``resid_post`` of ``layer``. Generation: see the module docstring.
+    Hooks ``resid_post`` of ``layer``. Generation: see the module docstring. ``last``: each
+    prompt's last token in a right-padded batch (``ds.last``); None: the last column.
     """
     scale = _check_scale(scale)
     if fv.shape != (model.cfg.d_model,):
         raise ValueError(f"fv has shape {tuple(fv.shape)}; expected (d_model,) = ({model.cfg.d_model},).")
     iv = FunctionVector(fv, layer, n_layers=model.cfg.n_layers, every_step=every_step)
-    return iv.apply(model, scale)
+    return iv.apply(model, scale, where=_where(last))
 
 
 def inject_dfv(
@@ -145,12 +150,14 @@ def inject_dfv(
     mode: str = "add",
     *,
     every_step: bool = False,
+    last: Int[Tensor, " batch"] | None = None,
 ) -> contextlib.AbstractContextManager[dict[str, int]]:
     """Distributed FV: re-inject mean_z[l,h] at each selected head's ``z``, last position:
     ``DistributedFV(mean_z, heads, mode=mode).apply(model, beta=scale)``.
 
     ``mode="add"``: z <- z + scale * mean_z[l,h]. ``mode="replace"``:
     z <- z + scale * (mean_z[l,h] - z) (scale 1: z = mean_z). Generation: module docstring.
+    ``last``: each prompt's last token in a right-padded batch (``ds.last``).
 
     >>> from mechsteer.tiny import tiny_model
     >>> model = tiny_model("llama")
@@ -163,4 +170,13 @@ def inject_dfv(
     scale = _check_scale(scale)
     check_mean_z(model, mean_z)
     iv = DistributedFV(mean_z, heads, d_model=model.cfg.d_model, mode=mode, every_step=every_step)
-    return iv.apply(model, scale)
+    return iv.apply(model, scale, where=_where(last))
+
+
+def _where(last) -> Tensor | None:
+    """``last`` (batch,) as the ``(batch, 1)`` token index an intervention binds."""
+    if last is None:
+        return None
+    if not isinstance(last, Tensor) or last.ndim != 1:
+        raise ValueError(f"last must be a (batch,) tensor of each prompt's last token index (ds.last), got {last!r}.")
+    return last.long()[:, None]

@@ -79,9 +79,10 @@ class _Fixed(Intervention):
             return self._steer(site, li, x, b)  # the one new token
         return torch.cat([x[:, : n - 1], self.edit(site, li, x[:, n - 1 :], b)], dim=1)  # rerun
 
-    def apply(self, model, beta=1.0, *, check_fired: bool = True, generation: bool | str = "auto"):
-        """``Intervention.apply`` with ``generation="auto"`` by default (see the module docstring)."""
-        return super().apply(model, beta, check_fired=check_fired, generation=generation)
+    def apply(self, model, beta=1.0, *, check_fired: bool = True, generation: bool | str = "auto", where=None):
+        """``Intervention.apply`` with ``generation="auto"`` by default (see the module docstring);
+        ``where``: ``(batch, 1)`` each right-padded prompt's last token (``ds.last[:, None]``)."""
+        return super().apply(model, beta, check_fired=check_fired, generation=generation, where=where)
 
     def extra_repr(self) -> str:
         return f"sites={self.sites}, layers={self.layers}, every_step={self.every_step}"

@@ -160,7 +160,7 @@ class Intervention(torch.nn.Module):
             if positions != "all" or n_pos not in (None, len(self.slots)):
                 raise ValueError(f"slots give the positions (one per slot): leave positions='all' and n_pos=None, "
                                  f"got positions={positions!r}, n_pos={n_pos}.")
-            n_pos = len(self.slots)
+            self.n_pos = n_pos = len(self.slots)
         self.positions = positions_.check_positions(self, positions, n_pos)
         self._bound: Tensor | None = None  # where of the batch about to run (bind)
         gen = torch.Generator().manual_seed(seed)
