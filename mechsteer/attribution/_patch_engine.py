@@ -62,12 +62,16 @@ class Grid:
     def n_cells(self) -> int:
         return math.prod(self.shape)
 
-    def first_changed(self, source: Tensor, base: Tensor) -> Tensor:
+    def first_changed(self, source: Tensor, base: Tensor, mask: Tensor | None = None) -> Tensor:
         """``(n_cells,)``: the first position where a cell's patch changes the activation for
-        some prompt; ``n_pos`` where it changes nothing."""
+        some prompt; ``n_pos`` where it changes nothing. ``mask`` ``(B, T)``: the prompts'
+        real tokens (a change at a pad, after a prompt's end, changes nothing it reads)."""
         n_pos = source.shape[1]
         neq = (source != base).flatten(3) if source.ndim > 3 else (source != base)[..., None, :]  # (B, T, H|1, d)
-        changed = neq.any(-1).any(0)  # (T, H|1)
+        neq = neq.any(-1)  # (B, T, H|1)
+        if mask is not None:
+            neq = neq & mask.to(neq.device)[:, :, None]
+        changed = neq.any(0)  # (T, H|1)
         if self.pos is not None:  # one position per cell: it alone can change
             pos = self.pos.to(changed.device)
             at = changed.any(1)[pos] if self.head is None else changed[pos, self.head.to(changed.device)]
@@ -122,7 +126,7 @@ def sweep(
     model, *, site: str, grid: Grid, groups: dict[int, list[tuple[int, Tensor]]], base_resid: dict[int, Tensor],
     source: dict[int, Tensor], unpatched: Tensor, base_logits: Tensor | None, prefix: PrefixKV | None,
     evaluate: Callable[[Tensor], Tensor], n_prompts: int, rows_per_forward: int, skip_fmt: tuple[str, int] | None,
-    forward_kwargs: dict, bar: tqdm,
+    forward_kwargs: dict, bar: tqdm, last: Tensor | None = None,
 ) -> Tensor:
     """Patched metric values for every layer and cell: ``(n_layers, n_cells, ...)``.
 
@@ -131,6 +135,12 @@ def sweep(
     ``source[l]``: the source run's activation at ``site``; ``base_logits``: that run's
     logits, prepended to a suffix run's when the metric needs every position. Call it
     inside ``kv_cache.bridged(model)`` when ``prefix`` is given.
+
+    ``last`` ``(B,)``: each prompt's last token when prompts are right-padded and the
+    metric is the per-prompt default: a run keeps the logits from its earliest answer
+    position on (``logits_to_keep``), ``evaluate`` gets each row's answer logits
+    ``(R, 1, vocab)``, and a row whose answer lies before the run's start (a patch at a
+    pad after its prompt's end) keeps its unpatched value.
     """
     B, out = n_prompts, []
     for layer in sorted(base_resid):
@@ -154,13 +164,26 @@ def sweep(
                     return act
 
                 kwargs = dict(forward_kwargs)
+                if last is not None:  # right-padded prompts: read each row at its own last token
+                    rel = last.to(rows.device)[prompts] - start  # (R,) answer column in this run
+                    live = rel >= 0
+                    if not bool(live.any()):  # every patched position lies after these prompts' ends
+                        bar.update(1)
+                        continue
+                    kwargs["logits_to_keep"] = keep = resid.shape[1] - start - int(rel[live].min())
                 if start > 0:
                     kwargs["past_key_values"] = prefix.cache(prompts, start, layer)
                 with skip_blocks_below(model, layer, skip_fmt), hooked(model, [(name, patch)]):
                     logits = model(resid[prompts, start:], start_at_layer=layer, **kwargs)
                 if base_logits is not None and start > 0:
                     logits = torch.cat([base_logits[prompts, :start], logits], dim=1)
-                values[cells_run[r0 // B : r0 // B + len(rows) // B]] = evaluate(logits).to(values.dtype)
+                if last is not None:
+                    col = (rel - (resid.shape[1] - start - keep)).clamp(min=0)
+                    logits = logits[torch.arange(len(rows), device=logits.device), col.to(logits.device)][:, None]
+                value = evaluate(logits).to(values.dtype)  # (k, B)
+                if last is not None and not bool(live.all()):
+                    value = torch.where(live.view_as(value), value, unpatched.to(value.dtype).expand_as(value))
+                values[cells_run[r0 // B : r0 // B + len(rows) // B]] = value
                 bar.update(1)
         out.append(values)
     return torch.stack(out)

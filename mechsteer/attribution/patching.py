@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 import mechsteer.attribution._patch_engine as engine
 from mechsteer import kv_cache, runs
 from mechsteer._validate import check_finite, positive_int
-from mechsteer.attribution._common import Metric, check_dataset
+from mechsteer.attribution._common import Metric, check_dataset, on_axis, per_prompt_on_axis, position_axis
 from mechsteer.attribution.result import AttributionResult, stack_sites
 from mechsteer.metrics import (
     check_metric_output,
@@ -76,7 +76,7 @@ def _scores(patched: Tensor, clean: Tensor | float, corrupted: Tensor | float, d
     return recovered if direction == "denoising" else 1 - recovered
 
 
-def _check_args(model, ds, site, direction, metric, per_prompt) -> tuple[list[str], Metric | None, str]:
+def _check_args(model, ds, site, direction, metric, per_prompt, per_position) -> tuple[list[str], Metric | None, str]:
     check_dataset(ds, model=model)
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be 'noising' or 'denoising', got {direction!r}.")
@@ -89,6 +89,13 @@ def _check_args(model, ds, site, direction, metric, per_prompt) -> tuple[list[st
         raise ValueError(
             "per_prompt=True needs per-prompt metric values, which only the default metric (logit "
             "difference) gives; drop the custom metric or set per_prompt=False."
+        )
+    if metric is not None and per_position and ds.is_padded:
+        raise ValueError(
+            f"metric={name!r} with per_position=True on prompts of different lengths "
+            f"({sorted(set(ds.lengths.tolist()))} tokens): a metric of the whole batch cannot be split per "
+            "prompt, and token position p is a different position in each prompt. Use the default metric "
+            "('logit_diff', read per prompt and averaged per position), or per_position=False."
         )
     return sites, metric, name
 
@@ -107,10 +114,29 @@ def _evaluator(ds: ContrastiveDataset, metric: Metric | None):
     return evaluate
 
 
+def _prompt_lds(clean_logits: Tensor, corrupt_logits: Tensor, ds) -> tuple[Tensor, Tensor]:
+    """Each prompt's clean and corrupted logit difference at its last token."""
+    pos = ds.answer_pos
+    return (logit_diff(clean_logits, ds.correct, ds.wrong, pos=pos, reduce="none"),
+            logit_diff(corrupt_logits, ds.correct, ds.wrong, pos=pos, reduce="none"))
+
+
+def _padded_scores(values: Tensor, clean_logits: Tensor, corrupt_logits: Tensor, ds, direction: str, axis,
+                   m_clean: Tensor, m_corr: Tensor, shape: tuple) -> Tensor:
+    """Right-padded prompts, per position: ``(layer, cell, B)`` patched logit differences ->
+    scores on ``axis``: each prompt's effect (noising ld_clean - ld_patched, denoising
+    ld_patched - ld_corr) averaged over the prompts that have each position, divided by the
+    dataset's m_clean - m_corr (as for equal lengths, where this is the mean's score)."""
+    ld_clean, ld_corr = _prompt_lds(clean_logits, corrupt_logits, ds)
+    v = values.permute(2, 0, 1).reshape(values.shape[2], values.shape[0], *shape)  # (B, layer, *cells)
+    ref = (ld_clean if direction == "noising" else ld_corr).reshape(-1, *[1] * (v.ndim - 1))
+    effect = ref - v if direction == "noising" else v - ref
+    return on_axis(effect, axis) / (m_clean - m_corr)
+
+
 def _per_prompt_scores(values: Tensor, clean_logits: Tensor, corrupt_logits: Tensor, ds, direction: str) -> Tensor:
     """``(layer, cell, B)`` patched logit differences -> ``(B, layer, cell)`` per-prompt scores."""
-    ld_clean = logit_diff(clean_logits, ds.correct, ds.wrong, reduce="none")
-    ld_corr = logit_diff(corrupt_logits, ds.correct, ds.wrong, reduce="none")
+    ld_clean, ld_corr = _prompt_lds(clean_logits, corrupt_logits, ds)
     if (ld_clean - ld_corr).abs().min() < 1e-6:
         warnings.warn(
             "Some prompts have (almost) equal clean and corrupted logit differences; their "
@@ -131,6 +157,7 @@ def activation_patching(
     per_prompt: bool = False,
     batch_size: int | None = None,
     progress: bool = True,
+    positions: str = "auto",  # position axis with per_position: "auto" | "tokens" | "named" | "end"
 ) -> AttributionResult:
     """Patch every location of ``site`` between the clean and corrupted prompts of ``ds``.
 
@@ -152,6 +179,14 @@ def activation_patching(
     ``len(ds)`` prompts, at least one cell); None picks it from a memory budget. ``result.meta`` holds the direction and the clean
     and corrupted metric values.
 
+    Prompts of different lengths (right-padded; ``mechsteer.tasks.positions``): every
+    prompt's logit difference is read at its own last token. Per position, each prompt is
+    patched at its own token positions and the scores are put on the ``positions`` axis
+    (``"auto"``: token positions for equal lengths, else the dataset's named positions,
+    else end-relative ``end-k .. end``): each entry is the mean effect over the prompts
+    that have it, over the dataset's m_clean - m_corr; a patch at a pad changes nothing
+    and is left out. Custom metrics need equal lengths or ``per_position=False``.
+
     >>> from mechsteer.tiny import tiny_model
     >>> from mechsteer.tasks import ioi
     >>> model = tiny_model("gpt2")
@@ -159,13 +194,18 @@ def activation_patching(
     >>> result.axes, tuple(result.scores.shape)
     (('layer', 'head'), (2, 4))
     """
-    sites, metric, metric_name = _check_args(model, ds, site, direction, metric, per_prompt)
+    sites, metric, metric_name = _check_args(model, ds, site, direction, metric, per_prompt, per_position)
+    axis = position_axis(ds, positions) if per_position else None
     batch_size = positive_int("batch_size", batch_size, allow_none=True)
     ds = ds.to(model.cfg.device)
     base, source = (ds.corrupted_tokens, ds.tokens) if direction == "denoising" else (ds.tokens, ds.corrupted_tokens)
     B, n_pos, n_layers = len(ds), ds.n_pos, model.cfg.n_layers
     layers = range(n_layers)
     m, evaluate = metric or default_metric, _evaluator(ds, metric)
+    last = ds.last if ds.is_padded and metric is None else None  # per-row answer reads in the sweep
+    keep_logits = 1 if metric is None else n_pos
+    if last is not None:
+        keep_logits = n_pos - int(last.min())
     with runs.timer() as t, torch.no_grad(), kv_cache.bridged(model):  # the KV cache reaches TL's attention
         # (1) cache: the source run at the patched sites; the run being patched: the
         # residual entering each block, its own site values and its keys and values.
@@ -184,19 +224,21 @@ def activation_patching(
         prefix = runs.PrefixKV.of(past, B, n_pos) if n_pos > 1 else None
         if prefix is not None and not prefix.works(model, resid[n_layers - 1], base_logits, skip_fmt):
             prefix = None
-        rows = runs.batch_rows(model, n_pos, B, 1 if metric is None else n_pos, batch_size)
+        rows = runs.batch_rows(model, n_pos, B, keep_logits, batch_size)
         plans = {}  # site -> (grid, source activations per layer, (start, cells) groups per layer)
         for s in sites:
             grid = engine.make_grid(s, per_position, n_pos, model.cfg.n_heads)
             src = {l: src_cache[hook_name(s, l)] for l in layers}
             groups = {}
             for l in layers:
-                first = grid.first_changed(src[l], base_cache[hook_name(s, l)])  # (n_cells,), n_pos: no change
+                first = grid.first_changed(src[l], base_cache[hook_name(s, l)], ds.mask if ds.is_padded else None)
                 groups[l] = engine.plan(first if prefix else torch.where(first < n_pos, 0, n_pos), n_pos, B, rows)
             plans[s] = (grid, src, groups)
         cell_groups = [cells for _, _, groups in plans.values() for g in groups.values() for _, cells in g]
         n_forwards = sum(-(-len(cells) * B // rows) for cells in cell_groups)
-        unpatched = evaluate(base_logits)  # (1, B) or (1,): the value of a patch that changes nothing
+        # (1, B) or (1,): the value of a patch that changes nothing
+        at_last = base_logits if last is None else base_logits[torch.arange(B, device=last.device), last][:, None]
+        unpatched = evaluate(at_last)
         values = {}  # site -> (layer, cell, B) patched logit diffs, or (layer, cell) metric values
         with tqdm(total=n_forwards, desc="activation patching", disable=not progress) as bar:
             for s, (grid, src, groups) in plans.items():
@@ -205,7 +247,7 @@ def activation_patching(
                     model, site=s, grid=grid, groups=groups, base_resid=resid, source=src, unpatched=unpatched,
                     base_logits=None if metric is None else base_logits, prefix=prefix, evaluate=evaluate,
                     n_prompts=B, rows_per_forward=rows, skip_fmt=skip_fmt,
-                    forward_kwargs={"logits_to_keep": 1} if metric is None else {}, bar=bar,
+                    forward_kwargs={"logits_to_keep": 1} if metric is None else {}, bar=bar, last=last,
                 )
     meta = {
         "direction": direction, "clean_metric": m_clean.item(), "corrupted_metric": m_corr.item(),
@@ -217,17 +259,23 @@ def activation_patching(
     axes = ("layer",) + (("head",) if "z" in sites else ()) + (("pos",) if per_position else ())
     out = []
     for s, (grid, _, _) in plans.items():
-        mean = values[s].mean(-1) if metric is None else values[s]  # (layer, cell)
         pp = _per_prompt_scores(values[s], clean_logits, corrupt_logits, ds, direction) if per_prompt else None
-        scores = check_finite(f"activation_patching: scores at site {s!r}", _scores(mean, m_clean, m_corr, direction))
+        pp = None if pp is None else pp.reshape(B, n_layers, *grid.shape)
+        if per_position and axis.mode != "tokens":  # prompts of different lengths: per prompt, then the axis
+            scores = _padded_scores(values[s], clean_logits, corrupt_logits, ds, direction, axis, m_clean, m_corr,
+                                    grid.shape)
+            pp = per_prompt_on_axis(pp, axis)
+        else:
+            mean = values[s].mean(-1) if metric is None else values[s]  # (layer, cell)
+            scores = _scores(mean, m_clean, m_corr, direction).reshape(n_layers, *grid.shape)
         out.append(AttributionResult(
-            scores=scores.reshape(n_layers, *grid.shape),
+            scores=check_finite(f"activation_patching: scores at site {s!r}", scores),
             axes=axes,
             method="patching",
             metric=metric_name,
-            labels={"pos": ds.labels} if per_position else {},
+            labels={"pos": axis.labels} if per_position else {},
             seconds=t["seconds"],
-            per_prompt=None if pp is None else pp.reshape(B, n_layers, *grid.shape),
+            per_prompt=pp,
             meta={**meta, "site": s},
         ))
     if isinstance(site, str):
