@@ -257,3 +257,34 @@ def test_smollm2_mixed_lengths(smollm2):
         close(full_dla["z"].per_prompt[i], d["z"].per_prompt[0], rel=1e-3)
         r = lrp(one)[0]
         close(full_lrp[i][-r.shape[-1]:], r, rel=1e-3)
+
+
+@pytest.mark.parametrize("variant", ["atp", "ig"])
+def test_atp_head_totals(mixed, variant):
+    model, ds = mixed
+
+    def run(m, d):
+        return attribution_patching_all(m, d, sites=("z",), per_prompt=True, head_totals=True, variant=variant,
+                                        steps=2)["z"].per_prompt
+
+    pp = same_alone(model, ds, run, pos_axis=False)
+    res = attribution_patching_all(model, ds, sites=("z",), head_totals=True, variant=variant, steps=2)["z"]
+    assert res.axes == ("layer", "head")
+    g = gaps(model, ds).double()
+    close(res.scores, (pp.double() * g[:, None, None]).mean(0) / g.mean())
+
+
+def test_suite_mixed_lengths(mixed):
+    from mechsteer.attribution import run_suite
+
+    model, ds = mixed
+    suite = run_suite(model, ds, ["patching", "atp", "atp*", "atp-ig", "dla", "attnlrp"], progress=False)
+    labels = ds.position_axis().labels
+    for grid in ("attn_out", "mlp_out"):
+        for r in suite.results[grid].values():
+            assert r.labels["pos"] == labels and r.scores.shape[-1] == len(labels)
+    shapes = {tuple(r.scores.shape) for r in suite.results["heads"].values()}
+    assert shapes == {(model.cfg.n_layers, model.cfg.n_heads)}
+    assert set(suite.comparisons) == {"heads", "attn_out", "mlp_out"}
+    end = run_suite(model, ds, ["atp", "dla"], positions="end", progress=False)
+    assert end.results["attn_out"]["atp"].labels["pos"][-1] == "end"

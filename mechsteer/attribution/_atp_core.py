@@ -53,6 +53,14 @@ def dot(grad: Float[Tensor, "batch pos *feat"], diff: Float[Tensor, "batch pos *
     return d.transpose(1, 2) if d.ndim == 3 else d  # (B, H, pos)
 
 
+def axes_of(site: str, head_totals: bool = False) -> tuple[str, ...]:
+    """Result axes of an AtP site: heads per position for z/q/k (per head with
+    ``head_totals`` for z), else layer x position."""
+    if site == "z" and head_totals:
+        return ("layer", "head")
+    return ("layer", "head", "pos") if site in ("z", "q", "k") else ("layer", "pos")
+
+
 @dataclass(frozen=True)
 class Setup:
     """A checked AtP call: the sites, the metric, the two token sets and the sign."""

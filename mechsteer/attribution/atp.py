@@ -74,6 +74,7 @@ def attribution_patching_all(
     variant: str = "atp",  # "atp" | "atp*" (atp_star.py) | "ig" (atp_ig.py)
     steps: int = 4,  # variant="ig" only: points on the path
     positions: str = "auto",  # position axis: "auto" | "tokens" | "named" | "end" (mechsteer.tasks.positions)
+    head_totals: bool = False,  # site z: each head summed over every token of each prompt, axes (layer, head)
 ) -> dict[str, AttributionResult]:
     """AtP scores of every site in ``sites`` from one forward+backward and one forward.
 
@@ -93,6 +94,9 @@ def attribution_patching_all(
     named positions, else end-relative ``end-k .. end``; ``mechsteer.tasks.positions``),
     each entry averaged over the prompts that have it. Pads get exactly 0 (a causal model's
     metric at a prompt's last token has no gradient at the pads after it).
+    ``head_totals=True`` sums site ``z`` over every token of each prompt before averaging
+    (axes ``("layer", "head")``): on prompts of different lengths ``result.sum("pos")``
+    of a per-position axis is not that total (its entries average different prompts).
 
     ``variant="atp*"`` runs ``atp_star.atp_star_all`` (QK fix and GradDrop, Kramár et al.
     2024; sites ``attn_out``, ``mlp_out``, ``z``, ``q``, ``k``) and ``variant="ig"`` runs
@@ -112,12 +116,12 @@ def attribution_patching_all(
         from mechsteer.attribution.atp_star import atp_star_all
 
         return atp_star_all(model, ds, sites=sites, direction=direction, metric=metric, per_prompt=per_prompt,
-                            positions=positions)
+                            positions=positions, head_totals=head_totals)
     if variant == "ig":
         from mechsteer.attribution.atp_ig import atp_ig_all
 
         return atp_ig_all(model, ds, sites=sites, direction=direction, metric=metric, per_prompt=per_prompt,
-                          steps=steps, positions=positions)
+                          steps=steps, positions=positions, head_totals=head_totals)
     run = core.setup(model, ds, sites, ATP_SITES, direction, metric, per_prompt, positions)
     names = {s: [(s, layer) for layer in range(model.cfg.n_layers)] for s in run.sites}
     flat = [n for s in run.sites for n in names[s]]
@@ -132,16 +136,18 @@ def attribution_patching_all(
             # first-order change of the (per-prompt or custom) metric, per prompt and cell
             # (B, L, pos), or (B, L, H, pos) for z
             raw = torch.stack([core.dot(grads[n], acts_other[n] - acts[n]) for n in names[s]], 1)
-            scores, pp = run.normalise(raw, m_clean, m_corr, per_prompt, run.axis)
+            totals = s == "z" and head_totals
+            scores, pp = run.normalise(raw.sum(-1) if totals else raw, m_clean, m_corr, per_prompt,
+                                       None if totals else run.axis)
             out[s] = (check_finite(f"attribution_patching: scores at site {s!r}", scores), pp)
     meta = run.meta(m_clean, m_corr)
     return {
         s: AttributionResult(
             scores=scores,
-            axes=("layer", "head", "pos") if s == "z" else ("layer", "pos"),
+            axes=core.axes_of(s, head_totals),
             method="atp",
             metric=run.metric_name,
-            labels={"pos": run.axis.labels},
+            labels={} if s == "z" and head_totals else {"pos": run.axis.labels},
             seconds=t["seconds"],
             per_prompt=pp,
             meta={**meta, "site": s},

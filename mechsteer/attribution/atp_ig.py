@@ -48,6 +48,7 @@ def atp_ig_all(
     per_prompt: bool = False,
     steps: int = 4,  # K: points on the path (left Riemann sum; 1 = AtP)
     positions: str = "auto",  # position axis, as AtP's ("auto" | "tokens" | "named" | "end")
+    head_totals: bool = False,  # site z: each head summed over every token of each prompt, as AtP's
 ) -> dict[str, AttributionResult]:
     """AtP-IG scores of every site in ``sites`` from ``steps`` forward+backward passes.
 
@@ -78,13 +79,15 @@ def atp_ig_all(
         out = {}
         for s in run.sites:
             raw = torch.stack([core.dot(total[n] / steps, acts_other[n] - acts_base[n]) for n in names[s]], 1)
-            scores, pp = run.normalise(raw, m_clean, m_corr, per_prompt, run.axis)
+            totals = s == "z" and head_totals
+            scores, pp = run.normalise(raw.sum(-1) if totals else raw, m_clean, m_corr, per_prompt,
+                                       None if totals else run.axis)
             out[s] = (check_finite(f"atp-ig: scores at site {s!r}", scores), pp)
     meta = {**run.meta(m_clean, m_corr), "steps": steps}
     return {
         s: AttributionResult(
-            scores=sc, axes=("layer", "head", "pos") if s == "z" else ("layer", "pos"), method="atp-ig",
-            metric=run.metric_name, labels={"pos": run.axis.labels}, seconds=t["seconds"], per_prompt=pp,
+            scores=sc, axes=core.axes_of(s, head_totals), method="atp-ig", metric=run.metric_name,
+            labels={} if s == "z" and head_totals else {"pos": run.axis.labels}, seconds=t["seconds"], per_prompt=pp,
             meta={**meta, "site": s},
         )
         for s, (sc, pp) in out.items()

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mechsteer._validate import positive_int
-from mechsteer.attribution._common import check_dataset
+from mechsteer.attribution._common import check_dataset, position_axis
 from mechsteer.attribution.atp import attribution_patching_all
 from mechsteer.attribution.atp_ig import atp_ig_all
 from mechsteer.attribution.atp_star import atp_star_all
@@ -42,36 +42,46 @@ IG_STEPS = 4  # points on the path for method "atp-ig"
 GRIDS = ("heads", "attn_out", "mlp_out")
 
 
-def _patching(model, ds, direction, progress):
+def _patching(model, ds, direction, progress, positions):
     heads = activation_patching(model, ds, site="z", per_position=False, direction=direction, progress=progress)
-    sites = activation_patching(model, ds, site=["attn_out", "mlp_out"], direction=direction, progress=progress)
+    sites = activation_patching(model, ds, site=["attn_out", "mlp_out"], direction=direction, progress=progress,
+                                positions=positions)
     out = {"heads": heads, "attn_out": sites.select(site="attn_out"), "mlp_out": sites.select(site="mlp_out")}
     return out, heads.seconds + sites.seconds
 
 
-def _atp(model, ds, direction, progress):
-    res = attribution_patching_all(model, ds, sites=("attn_out", "mlp_out", "z"), direction=direction)
-    return {"heads": res["z"].sum("pos"), "attn_out": res["attn_out"], "mlp_out": res["mlp_out"]}, res["z"].seconds
+def _heads(res, ds):
+    # prompts of different lengths: the whole-head total is summed per prompt (head_totals)
+    return res["z"] if ds.is_padded else res["z"].sum("pos")
 
 
-def _atp_star(model, ds, direction, progress):
+def _atp(model, ds, direction, progress, positions):
+    res = attribution_patching_all(model, ds, sites=("attn_out", "mlp_out", "z"), direction=direction,
+                                   positions=positions, head_totals=ds.is_padded)
+    return {"heads": _heads(res, ds), "attn_out": res["attn_out"], "mlp_out": res["mlp_out"]}, res["z"].seconds
+
+
+def _atp_star(model, ds, direction, progress, positions):
     # head_totals: GradDrop combines whole-head estimates (a head is one node of the heads grid)
-    res = atp_star_all(model, ds, sites=("attn_out", "mlp_out", "z"), direction=direction, head_totals=True)
+    res = atp_star_all(model, ds, sites=("attn_out", "mlp_out", "z"), direction=direction, head_totals=True,
+                       positions=positions)
     return {"heads": res["z"], "attn_out": res["attn_out"], "mlp_out": res["mlp_out"]}, res["z"].seconds
 
 
-def _atp_ig(model, ds, direction, progress):
-    res = atp_ig_all(model, ds, sites=("attn_out", "mlp_out", "z"), direction=direction, steps=IG_STEPS)
-    return {"heads": res["z"].sum("pos"), "attn_out": res["attn_out"], "mlp_out": res["mlp_out"]}, res["z"].seconds
+def _atp_ig(model, ds, direction, progress, positions):
+    res = atp_ig_all(model, ds, sites=("attn_out", "mlp_out", "z"), direction=direction, steps=IG_STEPS,
+                     positions=positions, head_totals=ds.is_padded)
+    return {"heads": _heads(res, ds), "attn_out": res["attn_out"], "mlp_out": res["mlp_out"]}, res["z"].seconds
 
 
-def _dla(model, ds, direction, progress):
-    res = direct_logit_attribution_all(model, ds, sites=("z", "attn_out", "mlp_out"))
+def _dla(model, ds, direction, progress, positions):
+    res = direct_logit_attribution_all(model, ds, sites=("z", "attn_out", "mlp_out"), positions=positions)
     return {"heads": res["z"], "attn_out": res["attn_out"], "mlp_out": res["mlp_out"]}, res["z"].seconds
 
 
-def _attnlrp(model, ds, direction, progress):
-    res = attnlrp(model, ds, readout=("sites", "heads"), sites=("attn_out", "mlp_out"), progress=progress)
+def _attnlrp(model, ds, direction, progress, positions):
+    res = attnlrp(model, ds, readout=("sites", "heads"), sites=("attn_out", "mlp_out"), progress=progress,
+                  positions=positions)
     sites = res["sites"]
     out = {"heads": res["heads"], "attn_out": sites.select(site="attn_out"), "mlp_out": sites.select(site="mlp_out")}
     return out, sites.seconds
@@ -190,11 +200,15 @@ def run_suite(
     direction: str = "noising",
     k: int = 10,
     progress: bool = True,
+    positions: str = "auto",
 ) -> Suite:
     """Run ``methods`` on ``ds``, fill every grid, and compare the methods on each grid.
 
 ``direction`` is patching's and AtP's (default ``"noising"``); ``k`` the top-k of the
 Jaccard overlaps. Each method runs at its own default ``batch_size`` (prompts per forward).
+``positions`` is the position axis of the ``attn_out`` and ``mlp_out`` grids (``"auto"`` |
+``"tokens"`` | ``"named"`` | ``"end"``; ``mechsteer.tasks.positions``): a dataset of prompts of
+different lengths is compared on its named or end-relative positions.
 
     >>> from mechsteer.tiny import tiny_model
     >>> from mechsteer.tasks import ioi
@@ -213,11 +227,12 @@ Jaccard overlaps. Each method runs at its own default ``batch_size`` (prompts pe
         raise ValueError(f"direction must be 'noising' or 'denoising', got {direction!r}.")
     k = positive_int("k", k)
     check_dataset(ds, model=model)
+    position_axis(ds, positions)  # a bad mode fails before any method runs
     fwd = plain_forward_seconds(model, ds.tokens)
     results: dict[str, dict[str, AttributionResult]] = {g: {} for g in GRIDS}
     seconds = {}
     for m in methods:
-        out, secs = RUNNERS[m](model, ds, direction, progress)
+        out, secs = RUNNERS[m](model, ds, direction, progress, positions)
         seconds[m] = secs
         for g in GRIDS:
             results[g][m] = out[g]  # out[g].method == m
