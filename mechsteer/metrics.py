@@ -11,6 +11,13 @@ All take logits of shape ``(batch, pos, vocab)`` (read at ``pos``, default the l
 - ``accuracy``: whether the answer is among the top k tokens.
 - ``normalize``: (x - x_corrupted) / (x_clean - x_corrupted), so 1 = clean, 0 = corrupted.
 
+Multi-token answers (``mechsteer.tasks.from_records``): the logit difference at the first
+token where the answers differ (``ds.correct``/``ds.wrong``; their shared prefix is part of
+the prompt) is linear in the logits and works with every method, DLA and AttnLRP included.
+``answer_logprob`` (metric name ``"answer_logprob"``), the teacher-forced summed
+log-probability of a whole answer on ``ds.teacher_forced(model)``, is nonlinear: patching
+and attribution patching take it, DLA and AttnLRP must refuse it (``LINEAR_METRICS``).
+
 Answer ids are checked against the vocabulary (``0..vocab-1``), and a metric that comes out
 NaN or infinite raises ``FloatingPointError`` naming the metric (one ``isfinite`` on the
 small result) instead of passing the NaN on to a heatmap.
@@ -167,8 +174,54 @@ def correct_prob(logits: Tensor, ds) -> Tensor:
     return answer_prob(logits, ds.correct.to(logits.device), pos=answer_pos(ds, logits))
 
 
+def answer_logprob(logits: Float[Tensor, "batch pos vocab"], ds, *, reduce: Reduce = "mean") -> Tensor:
+    """Summed log-probability of each prompt's whole answer, teacher forced:
+    sum_t log p(a_t | prompt, a_<t), then the mean over prompts (``reduce="none"``: per prompt).
+
+    ``ds`` is a teacher-forced dataset, ``ds.teacher_forced(model, "correct")``: prompt b
+    ends with a_1..a_{T-1} and ``ds.target_tokens[b]`` = a_1..a_T, so a_t is read at token
+    ``ds.last[b] - T + t`` (t = 1..T). On a dataset of single-token answers it is
+    log p(correct) at the last token. Nonlinear in the logits: patching and AtP take it,
+    DLA and AttnLRP (linear decompositions) do not (``LINEAR_METRICS``).
+
+    >>> from types import SimpleNamespace as NS
+    >>> ds = NS(target_tokens=[[1, 0]], lengths=torch.tensor([3]))
+    >>> logits = torch.zeros(1, 3, 2)  # uniform over 2 tokens: log(1/2) per answer token
+    >>> round(answer_logprob(logits, ds).item(), 4)
+    -1.3863
+    """
+    if not isinstance(logits, Tensor) or logits.ndim != 3:
+        raise ValueError(f"answer_logprob needs logits of shape (batch, pos, vocab), got "
+                         f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}.")
+    targets = list(getattr(ds, "target_tokens", None) or [])
+    if not targets:
+        if getattr(ds, "multi_token", False):
+            raise ValueError(f"answer_logprob on dataset {getattr(ds, 'name', '')!r} with multi-token answers needs "
+                             "its teacher-forced form: ds.teacher_forced(model, 'correct') (or 'wrong').")
+        targets = [[int(c)] for c in ds.correct.tolist()]
+    B, T, V = logits.shape
+    if len(targets) != B:
+        raise ValueError(f"logits hold {B} prompts, the dataset {len(targets)}.")
+    lengths = ds.lengths.tolist()
+    rows = [b for b, t in enumerate(targets) for _ in t]
+    pos = [lengths[b] - len(t) + j for b, t in enumerate(targets) for j in range(len(t))]
+    if min(pos) < 0 or max(pos) >= T:
+        raise ValueError(f"answer positions {min(pos)}..{max(pos)} fall outside the logits' {T} positions; run the model "
+                         "on ds.tokens of this (teacher-forced) dataset.")
+    dev = logits.device
+    ids = _ids(torch.tensor([a for t in targets for a in t], device=dev), len(rows), dev, "target", V)
+    r = torch.tensor(rows, device=dev)
+    lp = _wide(logits[r, torch.tensor(pos, device=dev)]).log_softmax(-1)  # (N, vocab), N = answer tokens
+    picked = lp[torch.arange(len(rows), device=dev), ids]
+    per_prompt = torch.zeros(B, dtype=picked.dtype, device=dev).index_add(0, r, picked)
+    return check_finite("answer_logprob", _reduce(per_prompt, reduce))
+
+
 # name -> dataset metric; "logit_diff" is every method's default
-DATASET_METRICS = {"logit_diff": default_metric, "logit": correct_logit, "answer_prob": correct_prob}
+DATASET_METRICS = {"logit_diff": default_metric, "logit": correct_logit, "answer_prob": correct_prob,
+                   "answer_logprob": answer_logprob}
+# metrics linear in the logits: the ones a linear decomposition (DLA, AttnLRP) can split exactly
+LINEAR_METRICS = frozenset({"logit_diff", "logit"})
 
 
 def resolve_metric(metric, *, name: str = "metric") -> tuple:

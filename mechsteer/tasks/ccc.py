@@ -23,7 +23,7 @@ another's test split then changes only the phrasing (seed paper 003, Sec. 5).
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from mechsteer._validate import nonneg_int, positive_int
 from mechsteer.tasks.base import Candidate, ContrastiveDataset, candidate_records, fill_spans, template_indices
@@ -35,9 +35,16 @@ def _template_indices(template: int | Sequence[int] | None) -> list[int]:
     return template_indices("ccc", template, len(CCC_TEMPLATES))
 
 
-def ccc_candidates(seed: int = 0, per_country: int = 3, templates: Sequence[int] = (0,)) -> list[Candidate]:
+def ccc_candidates(
+    seed: int = 0, per_country: int = 3, templates: Sequence[int] = (0,), token_length: Callable[[str], int] | None = None
+) -> list[Candidate]:
     """All CCC candidates: each country paired with ``per_country`` wrong capitals, in
-    each chosen template (indices into ``CCC_TEMPLATES``)."""
+    each chosen template (indices into ``CCC_TEMPLATES``).
+
+    ``token_length`` (a capital -> its token count for a model) draws each country's wrong
+    capitals among the capitals of its true capital's token length (the nearest lengths
+    when too few have it), so a clean prompt and its corrupted twin have one length; None
+    draws among all capitals (the historical pairing)."""
     templates = _template_indices(templates)
     rng = random.Random(nonneg_int("seed", seed))
     pairs = [(c, k) for c, k in COUNTRY_CAPITALS if k not in CCC_EXCLUDE and c != k]
@@ -45,9 +52,13 @@ def ccc_candidates(seed: int = 0, per_country: int = 3, templates: Sequence[int]
     per_country = positive_int("per_country", per_country)
     if per_country > len(capitals) - 1:
         raise ValueError(f"per_country must be at most {len(capitals) - 1} (the other capitals), got {per_country}.")
+    length = {k: token_length(k) for k in capitals} if token_length is not None else {}
     out = []
     for country, capital in pairs:
         others = [k for k in capitals if k != capital]
+        if token_length is not None:
+            gap = {k: abs(length[k] - length[capital]) for k in others}
+            others = [k for k in others if gap[k] <= sorted(gap.values())[per_country - 1]]
         for wrong in rng.sample(others, per_country):
             for t in templates:
                 prompt, spans = fill_spans(CCC_TEMPLATES[t], {"country": country, "capital": wrong})
@@ -74,7 +85,9 @@ def ccc(
     ``template`` picks one index into ``CCC_TEMPLATES`` (default 0, the paper's), a list,
     or None for all. ``same_length=True`` keeps single-token answers and the largest group
     of equal-length prompts (the historical dataset); ``same_length=False`` keeps every
-    valid item: prompts of mixed lengths (right-padded) and multi-token answers.
+    valid item: prompts of mixed lengths (right-padded) and multi-token answers, each
+    country's wrong capitals drawn among capitals of its true capital's token length (so
+    the corrupted twin, which states the true capital, has the clean prompt's length).
 
     >>> from mechsteer.tiny import tiny_model
     >>> ds = ccc(tiny_model("gpt2"), n=8)
@@ -85,6 +98,7 @@ def ccc(
     (True, True)
     """
     n, seed = positive_int("n", n, allow_none=True), nonneg_int("seed", seed)
-    records = candidate_records(ccc_candidates(seed, templates=_template_indices(template)))
+    length = None if same_length else (lambda k: len(model.tokenizer(" " + k, add_special_tokens=False)["input_ids"]))
+    records = candidate_records(ccc_candidates(seed, templates=_template_indices(template), token_length=length))
     return from_records(model, records, name="ccc", n=n, seed=seed, min_items=2, same_length=same_length,
                         single_token=same_length, warn=False)

@@ -100,8 +100,13 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
     raise ValueError(f"records file {str(path)!r} has suffix {suffix!r}; use .jsonl, .json or .csv.")
 
 
+def _nan(v) -> bool:
+    """None or NaN: a DataFrame's empty cell."""
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
 def _missing(v) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
+    return _nan(v) or (isinstance(v, str) and not v.strip())
 
 
 def _find(text: str, word: str) -> tuple[int, int] | None:
@@ -140,7 +145,7 @@ def _check(name: str, i: int, r: dict) -> dict[str, Any]:
                 raise ValueError(f"{where}, column 'positions': name {key!r} must be a string other than 'end' "
                                  "(the last token is always named 'end').")
             spans[key] = _span(where, r["prompt"], key, v)
-    meta = {k: v for k, v in r.items() if k not in COLUMNS and k != "positions"}
+    meta = {k: v for k, v in r.items() if k not in COLUMNS and k != "positions" and not _nan(v)}  # extra columns
     return {**{c: r[c] for c in COLUMNS}, "spans": spans, "meta": {**meta, "record": i}}
 
 
@@ -230,6 +235,11 @@ def from_records(
     n = positive_int("n", n, allow_none=True)
     seed = None if seed is None else nonneg_int("seed", seed)
     min_items = positive_int("min_items", min_items)
+    for key, v in (("strict", strict), ("same_length", same_length), ("single_token", single_token), ("warn", warn)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{key} must be True or False, got {v!r} ({type(v).__name__}).")
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a string, got {type(name).__name__} ({name!r}).")
     rows = load_records(records)
     checked = [_check(name, i, r) for i, r in enumerate(rows)]  # malformed input raises before any drop
     dropped: Counter[str] = Counter()
