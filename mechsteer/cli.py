@@ -4,7 +4,7 @@
     mechsteer tasks --task ccc --n 8     # generated prompts and drop counts
     mechsteer attribute --task ioi --methods patching,atp,atp*,atp-ig,dla,attnlrp --n 16 --out DIR
     mechsteer steer --task ccc --method activ_scalar --sites attn_out,mlp_out --out DIR
-    mechsteer pareto --task ccc --out DIR  # lambda_F x lambda_M x m grid, resumable
+    mechsteer pareto --task ccc --out DIR --workers 2  # lambda_F x lambda_M x m grid on an Optuna study, resumable
     mechsteer fv --tasks antonym,capitalize --select aie,lrp,atp --inject fv,dfv --out DIR
     mechsteer demo --out out/demo        # the HTML report on the embedded model
 
@@ -145,14 +145,18 @@ def cmd_steer(args: argparse.Namespace) -> int:
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
+    from mechsteer.embedded import resolve_embedded
     from mechsteer.interventions.pareto_run import pareto_search
 
     model = _load(args.model)
+    grid = {"storage": args.storage, "study": args.study, "sampler": args.sampler}
     run = pareto_search(model, args.task, args.out, n=args.n, seed=args.seed, methods=args.methods, sites=args.sites,
                         lambda_f=args.lambda_f, lambda_m=args.lambda_m, margins=args.margins,
-                        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
+                        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, workers=args.workers,
+                        model_name=args.model or resolve_embedded(None).name, n_trials=args.n_trials, **grid)
     run.write(args.out)
-    _log(f"{len(run.grid)} configurations; wrote {args.out}/ (grid.jsonl, grid.csv, pareto.html, summary.json)")
+    _log(f"{len(run.grid)} configurations (study {run.study!r} in {run.storage}); "
+         f"wrote {args.out}/ (trials.csv, grid.jsonl, pareto.html, summary.json)")
     return 0
 
 
@@ -232,12 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(steer)
     steer.set_defaults(func=cmd_steer)
 
-    par = sub.add_parser("pareto", help="grid over lambda_F, lambda_M and m (resumable: rerun to continue)")
+    par = sub.add_parser("pareto", help="grid over lambda_F, lambda_M and m on an Optuna study (resumable: rerun to continue)")
     par.add_argument("--methods", type=A.names(A.steer_methods), default="activ_scalar,steer_vec", help="comma-separated methods")
     par.add_argument("--sites", type=A.names(A.steer_sites), default="attn_out,mlp_out", help="comma-separated sites")
     par.add_argument("--lambda-f", type=A.nonneg_floats, default="0,1,10,100", help="values of lambda_F")
     par.add_argument("--lambda-m", type=A.nonneg_floats, default="0,1,10,100", help="values of lambda_M")
     par.add_argument("--margins", type=A.nonneg_floats, default="0,1,10,100", help="values of the margin m")
+    par.add_argument("--workers", type=A.positive_int, default=1, help="processes on this machine (each loads the model)")
+    par.add_argument("--storage", default=None,
+                     help="Optuna storage URL shared by machines, e.g. postgresql://user:pw@host/db (default sqlite:///OUT/study.db)")
+    par.add_argument("--study", default=None, help="study name to join (default: derived from the settings)")
+    par.add_argument("--sampler", choices=["grid", "nsga2"], default="grid",
+                     help="grid: every configuration; nsga2: NSGA-II over the same values for --n-trials trials")
+    par.add_argument("--n-trials", type=A.positive_int, default=None,
+                     help="stop once the study has this many configurations (needed by nsga2)")
     _add_train_args(par)
     par.set_defaults(func=cmd_pareto)
 

@@ -7,32 +7,36 @@ and the margin m over {0, 1, 10, 100} each (64 runs per method), evaluates every
 with Sec. 3.4's measures (E_0, F, the count of |theta| > 0.01) on train and test, and
 draws the Pareto fronts of effectiveness vs faithfulness and vs minimality.
 
-``pareto_grid`` runs that search and keeps it on disk: each finished configuration is
-appended to a JSONL file as one full line, flushed and fsynced at once. A configuration's
+``pareto_grid`` runs that search as an Optuna study (``mechsteer.interventions.sweep``):
+one trial per configuration (method, lambda_F, lambda_M, m, seed), ``GridSampler`` for the
+paper's grid or NSGA-II (``sampler="nsga2"``, ``n_trials=``) to look for the train split's
+(E_0, F, minimality) front in fewer trials. The study lives in ``out/study.db`` (SQLite)
+unless ``storage=`` names a database that several machines share, so an interrupted
+search resumes where it stopped and several workers can run one search
+(``pareto_search(..., workers=N)``; ``mechsteer pareto --workers N``). Training is seeded
+per configuration, so the rows do not depend on which worker ran what. A configuration's
 ``key`` hashes everything that determines its result (method, lambda_F, lambda_M, m, seed,
 sites, layers, positions, epochs, lr, batch size, init std, the model's weights and the
-tokens and answers of both splits), so rerunning the same call skips what is done: an
-interrupted search resumes where it stopped. A crash in the middle of a write can leave a
-partial last line; it is ignored with a warning (and cut off before the next append). Any
-other line that is not a row of this shape (invalid JSON, ``{}``, a list, a row without
-``key`` or with a non-numeric measure) raises a ValueError naming the file and the line.
+tokens and answers of both splits); a configuration already finished in another study of
+the same storage (or in an old ``out/grid.jsonl``) is read back, not rerun. The table is
+written to ``out/trials.csv``, one row per configuration.
 
 ``pareto_front`` keeps the non-dominated points of two columns. Effectiveness and
 faithfulness are maximised (0 is best); the minimality count, ``n_params`` and
 ``n_locations`` are minimised (fewer non-negligible parameters is better).
 ``pareto_figure`` draws both trade-offs on train and test.
 
->>> import tempfile, pathlib
+>>> import tempfile
 >>> from mechsteer.tasks import ccc
 >>> from mechsteer.tiny import tiny_model
 >>> model = tiny_model("gpt2")
 >>> train_ds, test_ds = ccc(model, n=8).split()
->>> path = pathlib.Path(tempfile.mkdtemp()) / "grid.jsonl"
+>>> out = tempfile.mkdtemp()
 >>> kw = dict(methods=["activ_scalar"], lambda_f=[0, 1], lambda_m=[0], margins=[1], epochs=1, progress=False)
->>> df = pareto_grid(model, train_ds, test_ds, path, **kw)
->>> len(df), len(path.read_text().splitlines())
+>>> df = pareto_grid(model, train_ds, test_ds, out, **kw)
+>>> len(df), len(read_results(f"{out}/trials.csv"))
 (2, 2)
->>> len(pareto_grid(model, train_ds, test_ds, path, **kw))  # resumes: nothing left to run
+>>> len(pareto_grid(model, train_ds, test_ds, out, **kw))  # resumes: nothing left to run
 2
 """
 
@@ -51,18 +55,22 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from mechsteer._io import write_text
 from mechsteer._validate import finite_float, nonneg_int, positive_int
 from mechsteer.interventions.base import DEFAULT_INIT_STD
 from mechsteer.interventions.evaluate import evaluate_splits
 from mechsteer.interventions.kinds import KINDS, kind_class
+from mechsteer.interventions.pareto_rows import MEASURES, SPLITS, TIMING, _read_lines, read_results, write_trials
+from mechsteer.interventions.sweep import SAMPLERS, Sweep, finished_rows, storage_url
 from mechsteer.interventions.train import TrainConfig, train
 from mechsteer.models import fingerprint
 
+__all__ = ["GRID", "MEASURES", "SPLITS", "TIMING", "config_key", "dataset_id", "open_sweep", "pareto_figure",
+           "pareto_front", "pareto_grid", "read_results"]
+
 GRID = (0, 1, 10, 100)  # Fig. 2: lambda_F, lambda_M, m in {0, 1, 10, 100}
-SPLITS = ("train", "test")
-MEASURES = ("effectiveness", "faithfulness", "minimality", "n_locations")
 MINIMISED = ("minimality", "n_params", "n_locations")  # column names (or suffixes) minimised by pareto_front
+TRIALS_FILE = "trials.csv"
+LEGACY_FILE = "grid.jsonl"  # mechsteer 0.3's log; its rows are read back, not rerun
 
 
 def dataset_id(ds) -> str:
@@ -78,76 +86,6 @@ def dataset_id(ds) -> str:
 def config_key(spec: dict) -> str:
     """Stable key of one configuration: a short SHA-256 of its JSON (sorted keys)."""
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def read_results(path: str | os.PathLike) -> pd.DataFrame:
-    """All rows of a ``pareto_grid`` JSONL file (a partial last line is ignored with a warning).
-
-    A complete line that is not such a row raises a ValueError naming the file and line.
-    """
-    return pd.DataFrame(_read_lines(Path(path))[0])
-
-
-def _read_lines(path: Path) -> tuple[list[dict], int]:
-    """(rows, byte length of the complete lines); warns about a partial trailing line.
-
-    Every complete line must be one row as ``pareto_grid`` writes it, else a ValueError
-    names the file, the line number and what is wrong with it.
-    """
-    if not path.exists():
-        return [], 0
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1  # complete lines end with a newline
-    rows = []
-    for i, raw in enumerate(data[:end].split(b"\n")[:-1], 1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw.decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}, line {i} is not valid JSON ({err}); delete that line to resume.") from None
-        rows.append(_check_row(row, f"{path}, line {i}"))
-    if data[end:].strip():
-        warnings.warn(
-            f"{path} ends with a partial line ({len(data) - end} bytes, from an interrupted write); "
-            "ignoring it, that configuration will run again.",
-            stacklevel=3,
-        )
-    return rows, end
-
-
-NUMBERS = ("lambda_f", "lambda_m", "margin", "seed", "n_params")  # in every row
-MEASURED = tuple(f"{s}_{m}" for s in SPLITS for m in MEASURES)  # in every row; null when a run diverged
-NULLABLE = (*MEASURED, "final_psi", "seconds", "lr")  # numbers or null where present
-JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
-
-
-def _check_row(row, where: str) -> dict:
-    """``row`` if it has the shape of a ``pareto_grid`` row; else ValueError naming ``where``."""
-    fix = "delete that line to resume (its configuration will run again)"
-    if not isinstance(row, dict):
-        kind, text = JSON_TYPES.get(type(row), "number"), json.dumps(row)[:60]
-        raise ValueError(f"{where} is a JSON {kind} ({text}), not a pareto_grid row (an object); {fix}.")
-    missing = [k for k in ("key", "method", *NUMBERS, *MEASURED) if k not in row]
-    if missing:
-        raise ValueError(f"{where} lacks the fields {missing} that every pareto_grid row has; {fix}.")
-    for k in ("key", "method"):
-        if not isinstance(row[k], str) or not row[k]:
-            raise ValueError(f"{where}: {k!r} must be a non-empty string, got {row[k]!r}; {fix}.")
-    for k in (*NUMBERS, *NULLABLE):
-        v = row.get(k)
-        if (v is not None or k in NUMBERS) and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            null = " or null" if k in NULLABLE else ""
-            raise ValueError(f"{where}: {k!r} must be a number{null}, got {v!r}; {fix}.")
-    return row
-
-
-def _append_line(path: Path, row: dict) -> None:
-    """Append ``row`` as one JSON line, flushed and fsynced before returning."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _grid_values(name: str, values: Sequence[float | int]) -> list[float]:
@@ -169,11 +107,66 @@ def _int_list(name: str, values: Sequence[int] | int) -> list[int]:
     return [nonneg_int(f"{name}[{i}]", v) for i, v in enumerate(values)]
 
 
-def pareto_grid(
+class ParetoSweep:
+    """A Pareto search opened on its study: ``work()`` runs configurations, ``frame()``
+    reads the finished ones (grid order), ``write()`` exports ``trials.csv``."""
+
+    def __init__(self, model, train_ds, test_ds, sweep: Sweep, shared: dict, base_cfg: TrainConfig,
+                 cache: dict[str, dict], out: Path):
+        self.model, self.train_ds, self.test_ds = model, train_ds, test_ds
+        self.sweep, self.shared, self.base_cfg, self.cache, self.out = sweep, shared, base_cfg, cache, out
+
+    def key(self, params: dict) -> str:
+        """The key of the configuration ``params`` (method, lambda_f, lambda_m, margin, seed)."""
+        return config_key({**params, **self.shared})
+
+    def _objective(self, params: dict, trial) -> tuple[dict, bool]:
+        key = self.key(params)
+        row = self.cache.get(key) or (self.sweep.find(key) if self.sweep.kind != "grid" else None)
+        if row is not None:
+            return row, False
+        return _run_one(self.model, self.train_ds, self.test_ds, {**params, **self.shared}, key, self.base_cfg), True
+
+    def work(self, *, wait: bool = True, n_trials: int | None = None,
+             on_result: Callable[[dict], None] | None = None, progress: bool = True) -> int:
+        """Run configurations until the search is done (see ``Sweep.work``); return how many ran here."""
+        if n_trials is None and self.sweep.kind != "grid":
+            raise ValueError(f"sampler={self.sweep.kind!r} needs n_trials= (how many configurations to try).")
+        total = n_trials if n_trials is not None else len(self.sweep.points())
+        done = {r["key"] for r in self.sweep.rows()}
+        with tqdm(total=total, initial=min(len(done), total), desc="pareto grid", disable=not progress) as bar:
+            def seen(row: dict, new: bool) -> None:
+                if new and on_result is not None:
+                    on_result(row)
+                if row["key"] not in done:
+                    done.add(row["key"])
+                    bar.update(1)
+                bar.set_postfix(method=row["method"], E=row["test_effectiveness"])
+
+            return self.sweep.work(self._objective, wait=wait, n_trials=n_trials, on_trial=seen)
+
+    def log(self) -> list[dict]:
+        """The finished rows, first finished first."""
+        return self.sweep.rows()
+
+    def frame(self) -> pd.DataFrame:
+        """One row per finished configuration: in grid order (NSGA-II: first finished first)."""
+        rows = self.log()
+        if self.sweep.kind == "grid":
+            by_key = {r["key"]: r for r in rows}
+            rows = [by_key[k] for k in (self.key(p) for p in self.sweep.points()) if k in by_key]
+        return pd.DataFrame(rows)
+
+    def write(self) -> Path:
+        """Write ``out/trials.csv``; return its path."""
+        return write_trials(self.out / TRIALS_FILE, self.frame().to_dict(orient="records"))
+
+
+def open_sweep(
     model,
     train_ds,
     test_ds,
-    path: str | os.PathLike,
+    out: str | os.PathLike,
     *,
     methods: Sequence[str] = ("activ_scalar", "steer_vec"),
     sites: Sequence[str] = ("attn_out", "mlp_out"),
@@ -187,16 +180,14 @@ def pareto_grid(
     lr: float | None = None,  # None: App. A.1's default per method
     batch_size: int = 32,  # prompts per forward (each at beta = +1 and -1 in it)
     init_std: float = DEFAULT_INIT_STD,
-    on_result: Callable[[dict], None] | None = None,  # called with each newly written row
-    progress: bool = True,
-) -> pd.DataFrame:
-    """Train and evaluate every (method, lambda_F, lambda_M, m, seed); resume from ``path``.
+    sampler: str = "grid",  # "grid": every configuration; "nsga2": NSGA-II for n_trials trials
+    storage: str | None = None,  # database URL; None: sqlite:///out/study.db
+    study: str | None = None,  # study name; None: one derived from the settings
+) -> ParetoSweep:
+    """Check the arguments and open (create or join) the search's study; run nothing.
 
-    One row per configuration, in grid order: the hyperparameters, ``key``, train/test
-    E_0 (``train_effectiveness``), F, minimality count (and ``n_locations`` for SteerVec),
-    ``n_params``, ``final_psi`` (last training step), ``seconds`` and ``error`` (the message
-    of a run that diverged, whose measures are then empty; None otherwise). Configurations
-    whose key is already in ``path`` are read back, not rerun.
+    Raises a ValueError when the study exists and was made for another model, other
+    data or other settings (its fingerprint differs from this worker's).
     """
     methods = [methods] if isinstance(methods, str) else list(methods)
     sites = [sites] if isinstance(sites, str) else list(sites)
@@ -209,15 +200,18 @@ def pareto_grid(
     lr = None if lr is None else finite_float("lr", lr)
     if finite_float("init_std", init_std) < 0:
         raise ValueError(f"init_std must be a finite number >= 0, got {init_std}.")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}.")
     if train_ds.n_pos != test_ds.n_pos:
         raise ValueError(f"train and test prompts differ in length ({train_ds.n_pos} vs {test_ds.n_pos}) "
                          "tokens; position-bound interventions need one length: build both from one dataset.")
     base_cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, progress=False)  # validates
-    path = Path(path)
-    rows, end = _read_lines(path)
-    if path.exists() and end < path.stat().st_size:  # cut the partial line off before appending
-        write_text(path, path.read_bytes()[:end].decode())
-    done = {r["key"]: r for r in rows}
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out {str(out)!r} is a file; pareto_grid writes a folder (study.db, trials.csv): give "
+                         "a directory (an old grid.jsonl inside it is read back).")
+    out.mkdir(parents=True, exist_ok=True)
+    legacy = {r["key"]: r for r in _read_lines(out / LEGACY_FILE)[0]}  # raises on a malformed line
     shared = {
         "sites": list(sites), "layers": None if layers is None else list(layers),
         "positions": positions if isinstance(positions, str) else list(positions),
@@ -225,22 +219,44 @@ def pareto_grid(
         "model": fingerprint(model)["weights_sha256"][:16],
         "train_data": dataset_id(train_ds), "test_data": dataset_id(test_ds),
     }
-    configs = [
-        {"method": m, "lambda_f": f, "lambda_m": lm, "margin": mg, "seed": int(s), **shared}
-        for m in methods for f in grids[0] for lm in grids[1] for mg in grids[2] for s in seeds
-    ]
-    out = []
-    with tqdm(configs, desc="pareto grid", disable=not progress) as bar:
-        for spec in bar:
-            key = config_key(spec)
-            if key not in done:
-                done[key] = _run_one(model, train_ds, test_ds, spec, key, base_cfg)
-                _append_line(path, done[key])
-                if on_result is not None:
-                    on_result(done[key])
-            out.append(done[key])
-            bar.set_postfix(method=spec["method"], E=done[key]["test_effectiveness"])
-    return pd.DataFrame(out)
+    space = {"method": methods, "lambda_f": grids[0], "lambda_m": grids[1], "margin": grids[2], "seed": seeds}
+    fp = {k: shared[k] for k in ("model", "train_data", "test_data")}
+    settings = {**{k: v for k, v in shared.items() if k not in fp}, "space": space, "sampler": sampler}
+    name = study or f"pareto-{config_key({**settings, **fp})[:12]}"
+    url = storage or storage_url(out)
+    sweep = Sweep(url, name, space, fingerprint=fp, settings=settings, sampler=sampler)
+    cache = {**legacy, **finished_rows(url, exclude=name)}
+    return ParetoSweep(model, train_ds, test_ds, sweep, shared, base_cfg, cache, out)
+
+
+def pareto_grid(
+    model,
+    train_ds,
+    test_ds,
+    out: str | os.PathLike,
+    *,
+    n_trials: int | None = None,  # the study's budget (None: the whole grid); NSGA-II needs one
+    on_result: Callable[[dict], None] | None = None,  # called with each newly computed row
+    progress: bool = True,
+    **settings,
+) -> pd.DataFrame:
+    """Train and evaluate every (method, lambda_F, lambda_M, m, seed) on the study in
+    ``out`` (or ``storage=``); resume what is there; write ``out/trials.csv``.
+
+    ``settings`` are ``open_sweep``'s: methods, sites, layers, positions, lambda_f,
+    lambda_m, margins, seeds, epochs, lr, batch_size, init_std, sampler, storage, study.
+    One row per configuration, in grid order: the hyperparameters, ``key``, train/test
+    E_0 (``train_effectiveness``), F, minimality count (and ``n_locations`` for SteerVec),
+    ``n_params``, ``lr``, ``final_psi`` (last training step), ``error`` (the message of a
+    run that diverged, whose measures are then empty; None otherwise) and the run facts
+    ``seconds``, ``finished``, ``trial``, ``worker``. Returns when every configuration is
+    done, including those that other workers of the study are running.
+    """
+    n_trials = positive_int("n_trials", n_trials, allow_none=True)
+    search = open_sweep(model, train_ds, test_ds, out, **settings)
+    search.work(n_trials=n_trials, on_result=on_result, progress=progress)
+    search.write()
+    return search.frame()
 
 
 def _run_one(model, train_ds, test_ds, spec: dict, key: str, base_cfg: TrainConfig) -> dict:
@@ -270,6 +286,7 @@ def _run_one(model, train_ds, test_ds, spec: dict, key: str, base_cfg: TrainConf
             row[f"{split}_{m}"] = scores[split].get(m)  # n_locations: SteerVec only (else None)
     row["final_psi"] = None if hist is None else float(hist["psi"].iloc[-1])
     row["seconds"] = time.perf_counter() - start
+    row["finished"] = time.time()
     return row
 
 
