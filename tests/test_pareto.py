@@ -1,4 +1,4 @@
-"""Pareto search (Sec. 4.2, Fig. 2): resumable grid, fronts and the figure."""
+"""Pareto search (Sec. 4.2, Fig. 2): the grid on its study, resuming, fronts and the figure."""
 
 from __future__ import annotations
 
@@ -29,8 +29,7 @@ def splits(tiny_gpt2):
 
 @pytest.fixture(scope="module")
 def reference(tiny_gpt2, splits, tmp_path_factory):
-    path = tmp_path_factory.mktemp("ref") / "grid.jsonl"
-    return pareto_grid(tiny_gpt2, *splits, path, **GRID)
+    return pareto_grid(tiny_gpt2, *splits, tmp_path_factory.mktemp("ref"), **GRID)
 
 
 def _count_train(monkeypatch, fail_at: int | None = None) -> list[int]:
@@ -48,7 +47,7 @@ def _count_train(monkeypatch, fail_at: int | None = None) -> list[int]:
 
 
 def _same_rows(a: pd.DataFrame, b: pd.DataFrame) -> None:
-    cols = [c for c in a.columns if c != "seconds"]
+    cols = [c for c in a.columns if c not in pareto.TIMING]
     pd.testing.assert_frame_equal(a[cols].reset_index(drop=True), b[cols].reset_index(drop=True))
 
 
@@ -60,14 +59,15 @@ def test_rows_and_columns(reference):
         assert (df[f"{split}_effectiveness"] <= 0).all() and (df[f"{split}_faithfulness"] <= 1e-6).all()
         assert df[f"{split}_minimality"].dtype.kind == "i"
     assert (df["n_params"] > 0).all() and (df["seconds"] > 0).all() and df["lr"].tolist() == [1e-3, 1e-3]
+    assert df["trial"].tolist() != [None, None] and df["worker"].str.contains(":").all()
 
 
 def test_resume_after_kill_in_second_config(tiny_gpt2, splits, reference, tmp_path, monkeypatch):
-    path = tmp_path / "grid.jsonl"
+    path = tmp_path / "sweep"
     _count_train(monkeypatch, fail_at=2)
     with pytest.raises(KeyboardInterrupt):
         pareto_grid(tiny_gpt2, *splits, path, **GRID)
-    assert len(path.read_text().splitlines()) == 1  # the first config was written at once
+    assert len(read_results(path)) == 1  # the first config was stored at once (its trial is COMPLETE)
     calls = _count_train(monkeypatch)
     df = pareto_grid(tiny_gpt2, *splits, path, **GRID)
     assert len(calls) == 1  # only the missing config ran
@@ -77,20 +77,20 @@ def test_resume_after_kill_in_second_config(tiny_gpt2, splits, reference, tmp_pa
     assert calls == []
 
 
-def test_partial_last_line_is_ignored_and_rerun(tiny_gpt2, splits, reference, tmp_path, monkeypatch):
-    path = tmp_path / "grid.jsonl"
-    pareto_grid(tiny_gpt2, *splits, path, **GRID)
-    text = path.read_text()
-    path.write_text(text[: len(text) - 40])  # a crash in the middle of the second line
+def test_old_grid_jsonl_is_read_back_and_its_partial_line_rerun(tiny_gpt2, splits, reference, tmp_path, monkeypatch):
+    path = tmp_path / "sweep"
+    path.mkdir()
+    text = "".join(json.dumps({k: v for k, v in r.items() if k not in pareto.TIMING[1:]}) + "\n"
+                   for r in reference.to_dict(orient="records"))
+    (path / "grid.jsonl").write_text(text[: len(text) - 40])  # mechsteer 0.3's log, cut in its second line
     with pytest.warns(UserWarning, match="partial line"):
-        assert len(read_results(path)) == 1
+        assert len(read_results(path / "grid.jsonl")) == 1
     calls = _count_train(monkeypatch)
     with pytest.warns(UserWarning, match="partial line"):
         df = pareto_grid(tiny_gpt2, *splits, path, **GRID)
-    assert len(calls) == 1
+    assert len(calls) == 1  # the old log's complete row was read back
     _same_rows(df, reference)
-    lines = path.read_text().splitlines()
-    assert len(lines) == 2 and all(json.loads(line)["key"] for line in lines)
+    assert len(read_results(path / "trials.csv")) == 2
 
 
 def _row(key: str = "a", **changes) -> dict:
@@ -110,6 +110,8 @@ def test_broken_middle_line_raises(tiny_gpt2, splits, tmp_path):
     path = tmp_path / "grid.jsonl"
     path.write_text(_lines(_row("a"), "not json", _row("b")))
     with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+        pareto_grid(tiny_gpt2, *splits, tmp_path, **GRID)  # an old log in the folder is read back
+    with pytest.raises(ValueError, match="is a file; pareto_grid writes a folder"):
         pareto_grid(tiny_gpt2, *splits, path, **GRID)
     path.write_bytes(json.dumps(_row("a")).encode() + b"\n\xff\xfe\n")
     with pytest.raises(ValueError, match="line 2 is not valid JSON"):
@@ -168,18 +170,21 @@ def test_keys_follow_what_determines_a_result(tiny_gpt2, splits, tmp_path, monke
     spec = {"method": "activ_scalar", "lambda_f": 1.0, "epochs": 1}
     assert config_key(spec) == config_key(dict(reversed(spec.items())))
     assert config_key(spec) != config_key({**spec, "epochs": 2})
-    path = tmp_path / "grid.jsonl"
+    path = tmp_path / "sweep"
     kw = {**GRID, "lambda_f": [0]}
     pareto_grid(tiny_gpt2, train_ds, test_ds, path, **kw)
     calls = _count_train(monkeypatch)
     pareto_grid(tiny_gpt2, train_ds, test_ds, path, **{**kw, "epochs": 2})
     pareto_grid(tiny_gpt2, train_ds, test_ds, path, **{**kw, "seeds": [1]})
-    assert len(calls) == 2 and len(read_results(path)) == 3
+    assert len(calls) == 2 and len(read_results(path)) == 3  # three studies in one study.db
+    calls = _count_train(monkeypatch)
+    pareto_grid(tiny_gpt2, train_ds, test_ds, path, **{**kw, "lambda_f": [0, 1]})  # another grid: a new study
+    assert len(calls) == 1  # lambda_F = 0 is read back from the first study
 
 
 def test_all_methods_run(tiny_gpt2, splits, tmp_path):
     kw = {**GRID, "methods": ["steer_vec", "dyn_scalar"], "lambda_f": [1], "sites": ["mlp_out"]}
-    df = pareto_grid(tiny_gpt2, *splits, tmp_path / "g.jsonl", **kw)
+    df = pareto_grid(tiny_gpt2, *splits, tmp_path / "g", **kw)
     assert df["method"].tolist() == ["steer_vec", "dyn_scalar"]
     assert df["lr"].tolist() == [1e-4, 1e-3]
     assert df["train_n_locations"].iloc[0] >= 0 and pd.isna(df["train_n_locations"].iloc[1])
@@ -258,7 +263,7 @@ def test_diverged_config_is_recorded_not_rerun(tiny_gpt2, splits, tmp_path, monk
         return real(model, iv, ds, cfg)
 
     monkeypatch.setattr(pareto, "train", diverge_without_faithfulness)
-    path = tmp_path / "grid.jsonl"
+    path = tmp_path / "sweep"
     with pytest.warns(UserWarning, match="diverged"):
         df = pareto_grid(tiny_gpt2, *splits, path, **{**GRID, "sites": "mlp_out"})
     assert df["error"].iloc[0].startswith("Loss -Psi is nan") and pd.isna(df["error"].iloc[1])

@@ -52,10 +52,11 @@ def test_pareto_run_writes_what_the_cli_wrote(tiny_gpt2, tmp_path):
     assert isinstance(run, ParetoRun) and len(run.grid) == 2
     path = run.write(tmp_path / "p")
     s = json.loads(path.read_text())
-    assert set(s) == {"task", "model", "n_configs", "fronts", "rows"} and s["n_configs"] == 2
+    assert set(s) == {"task", "model", "study", "storage", "n_configs", "fronts", "rows"} and s["n_configs"] == 2
     assert set(s["fronts"]) == {"train_faithfulness", "train_minimality", "test_faithfulness", "test_minimality"}
+    assert s["storage"].endswith("study.db") and s["study"].startswith("pareto-")
     assert len((tmp_path / "p" / "grid.jsonl").read_text().splitlines()) == 2
-    assert pd.read_csv(tmp_path / "p" / "grid.csv").shape[0] == 2
+    assert pd.read_csv(tmp_path / "p" / "trials.csv").shape[0] == 2
     page = (tmp_path / "p" / "pareto.html").read_text()
     assert "<table" in page and "lambda_f" in page
     run.write(tmp_path / "elsewhere")  # another folder gets the JSONL too
