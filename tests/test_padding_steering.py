@@ -149,3 +149,32 @@ def test_fv_injection_padded_equals_alone(tiny):
         with torch.no_grad():
             plain = answer_logits(tiny, ds.tokens, ds.last)
         assert not torch.allclose(together, plain)
+
+
+@pytest.mark.parametrize("kind", [ActivScalar, DynScalar])
+def test_generation_per_prompt_never_continues_after_pads(tiny_gpt2, kind):
+    ds = mixed(tiny_gpt2)
+    iv = build(kind, tiny_gpt2, ds, init_std=0.3)
+    pick = [int(ds.lengths.argmin()), int(ds.lengths.argmax())]
+    sub = ds.subset(pick)
+    texts = steered_generate(tiny_gpt2, iv, sub, beta=1.0, max_new_tokens=3, stop_at_eos=False)
+    for j, i in enumerate(pick):
+        alone = steered_generate(tiny_gpt2, iv, ds.subset([i]), beta=1.0, max_new_tokens=3, stop_at_eos=False)
+        assert texts[j] == alone[0] and texts[j].startswith(ds.prompts[i])
+    zero = steered_generate(tiny_gpt2, iv, sub, beta=0.0, max_new_tokens=3, stop_at_eos=False)
+    plain = [tiny_gpt2.generate(sub.tokens[j : j + 1, : sub.lengths[j]], max_new_tokens=3, do_sample=False,
+                                verbose=False, stop_at_eos=False) for j in range(2)]
+    assert zero == [tiny_gpt2.tokenizer.decode(p[0], skip_special_tokens=True) for p in plain]
+
+
+def test_transfer_all_templates_is_one_row(tiny_gpt2):
+    from mechsteer.tasks import ccc
+
+    sets = {"t0": ccc(tiny_gpt2, n=8), "t1": ccc(tiny_gpt2, n=8, template=1)}
+    make = lambda m, ds: ActivScalar.for_dataset(m, ds, sites=["mlp_out"])  # noqa: E731
+    df, ivs = transfer_matrix(tiny_gpt2, make, sets, TrainConfig(epochs=1, progress=False), include_all=True,
+                              return_interventions=True, progress=False)
+    assert list(df.index) == ["(none)", "t0", "t1", "(all)"]
+    assert ivs["(all)"].slots is not None  # trained on both lengths together: end-relative slots
+    assert df.loc["(all)", "effectiveness"].notna().all()
+    assert df.loc["t0", ("effectiveness", "t1")] != df.loc["t0", ("effectiveness", "t1")]  # NaN: columns of t0

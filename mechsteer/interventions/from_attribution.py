@@ -74,7 +74,7 @@ from mechsteer.interventions.base import Intervention
 from mechsteer.interventions.evaluate import evaluate_splits, mean_e0_f
 from mechsteer.interventions.objective import effectiveness, faithfulness, plus_minus_logits
 from mechsteer.interventions.scalars import ActivScalar
-from mechsteer.interventions.train import batched_clean_logits, check_inputs
+from mechsteer.interventions.train import batch_view, batched_clean_logits, check_inputs, dataset_tensors
 from mechsteer.sites import sites_for
 LAYOUTS = (("site", "layer", "pos"), ("layer", "pos"), ("layer", "head"), ("layer", "head", "pos"))
 TIE = 1e-6  # E_0 values this close count as tied (then F decides)
@@ -131,8 +131,12 @@ def scalars_from_result(
     sites: Sequence[str] | None = None,  # keep only these sites of a ("site", "layer", "pos") result
     normalize: bool = True,  # alpha = score / max|score| (in [-1, 1]); False: raw scores
     orient: bool = True,  # times sign(m_clean - m_corr) from result.meta (patching, AtP)
+    slots: Sequence[str] | None = None,  # ("layer", "head") on mixed lengths: the positions to scale
 ) -> ActivScalar:
-    """Fixed-alpha ActivScalar (Eq. 5) whose alphas are ``result``'s scores (see the module doc)."""
+    """Fixed-alpha ActivScalar (Eq. 5) whose alphas are ``result``'s scores (see the module doc).
+
+    A result on prompts of mixed lengths has a named or end-relative ``pos`` axis (its last
+    label is ``"end"``): the ActivScalar then holds one alpha per such slot."""
     if not isinstance(result, AttributionResult):
         raise TypeError(f"result must be an AttributionResult, got {type(result).__name__}.")
     if result.axes not in LAYOUTS:
@@ -149,21 +153,26 @@ def scalars_from_result(
             raise ValueError(f"The result has {result.scores.shape[1]} heads, the model {cfg.n_heads}.")
         scores = result.scores if "pos" in result.axes else result.scores.unsqueeze(-1)  # (L, H, P|1)
         if "pos" not in result.axes:
-            if n_pos is None:
-                raise ValueError("A ('layer', 'head') result scales each head at every position: pass n_pos.")
-            scores = scores.expand(-1, -1, n_pos)
+            if n_pos is None and slots is None:
+                raise ValueError("A ('layer', 'head') result scales each head at every position: pass n_pos (or slots).")
+            scores = scores.expand(-1, -1, len(slots) if slots is not None else n_pos)
         grids = {"z": scores.permute(0, 2, 1)}  # (L, P, H)
     else:
         grids = _site_alphas(result, site, sites)
     result_pos = next(iter(grids.values())).shape[1]
-    if n_pos is not None and n_pos != result_pos:
+    if n_pos is not None and n_pos != result_pos and slots is None:
         raise ValueError(f"The result covers {result_pos} positions but n_pos={n_pos}; use a result "
                          "computed on prompts of that length.")
     scale = max(g.abs().max().item() for g in grids.values()) if normalize else 1.0
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"Cannot normalise scores with max |score| = {scale}; every score is 0 (or not finite).")
     scale *= orientation(result) if orient else 1.0
-    iv = ActivScalar.for_model(model, sites=list(grids), n_pos=result_pos)
+    if slots is None and "pos" in result.axes and result.axis_labels("pos")[-1] == "end":
+        slots = result.axis_labels("pos")  # named / end-relative positions of mixed-length prompts
+    if slots is not None:
+        iv = ActivScalar.for_model(model, sites=list(grids), slots=list(slots))
+    else:
+        iv = ActivScalar.for_model(model, sites=list(grids), n_pos=result_pos)
     with torch.no_grad():
         for s, g in grids.items():
             iv.params[s].copy_(g / scale)
@@ -173,21 +182,23 @@ def scalars_from_result(
 
 def _measure(model, iv: Intervention, data: tuple, b: float, batch_size: int) -> tuple[float, float]:
     """(E_0, F) of ``iv`` with every alpha scaled by ``b`` (run at beta = +-b)."""
+    tokens, correct, wrong, pos, where, clean = data
     with naming("fit_beta"):
-        e, f = mean_e0_f(model, iv, *data, batch_size=batch_size, strength=b)
+        e, f = mean_e0_f(model, iv, tokens, correct, wrong, clean, batch_size=batch_size, strength=b, pos=pos, where=where)
     check_finite(f"fit_beta: E_0 and F at beta = {b:g}", torch.tensor([e, f]))
     return e, f
 
 
 def _refine(model, iv, data, b0: float, steps: int, lr: float, margin: float, lambda_f: float, batch_size: int) -> float:
     """Adam on u with beta = b0 exp(u) (sign kept), maximising Psi = E_m + lambda_F F."""
-    tokens, correct, wrong, clean = data
+    tokens, correct, wrong, pos, where, clean = data
     u = torch.zeros((), requires_grad=True)
     opt = torch.optim.Adam([u], lr=lr)
     for step in range(steps):
         sl = slice((step * batch_size) % len(tokens), (step * batch_size) % len(tokens) + batch_size)
+        t, p, w = batch_view(tokens, pos, where, sl)
         with torch.enable_grad():
-            plus, minus = plus_minus_logits(model, iv, tokens[sl], (b0 * u.exp()).to(tokens.device))
+            plus, minus = plus_minus_logits(model, iv, t, (b0 * u.exp()).to(tokens.device), pos=p, where=w)
             psi = effectiveness(plus, minus, correct[sl], wrong[sl], margin) + lambda_f * faithfulness(plus, minus, clean[sl])
             (g,) = torch.autograd.grad(-psi, [u])
         u.grad = g
@@ -231,8 +242,8 @@ def fit_beta(
     check_inputs(model, intervention, ds)
     device = next(model.parameters()).device
     iv = copy.deepcopy(intervention).to(device)
-    data = tuple(t.to(device) for t in (ds.tokens, ds.correct, ds.wrong))
-    data = (*data, batched_clean_logits(model, data[0], batch_size))
+    data = dataset_tensors(model, iv, ds)  # tokens, correct, wrong, pos, where
+    data = (*data, batched_clean_logits(model, data[0], batch_size, data[3]))
     rows = [(b, *_measure(model, iv, data, b, batch_size), "grid") for b in tqdm(grid, desc="fit beta", disable=not progress)]
     best = max(rows, key=lambda r: (round(r[1] / TIE), r[2]))
     if refine_steps and best[0] != 0:
@@ -262,8 +273,16 @@ def attribution_scalars(model, result: AttributionResult, ds, **kwargs) -> Activ
     (('z',), True)
     """
     conv = {k: kwargs.pop(k) for k in ("site", "sites", "normalize", "orient") if k in kwargs}
-    iv = scalars_from_result(model, result, n_pos=ds.n_pos, **conv)
+    iv = scalars_from_result(model, result, **_lengths(ds, result), **conv)
     return fit_beta(model, iv, ds, **kwargs)[0]
+
+
+def _lengths(ds, result: AttributionResult) -> dict:
+    """``n_pos`` (prompts of one length) or, on mixed lengths, end-relative ``slots`` for a
+    position-free ("layer", "head") result (a result with a pos axis brings its own)."""
+    if not ds.is_padded:
+        return {"n_pos": ds.n_pos}
+    return {} if "pos" in result.axes else {"slots": ds.position_axis("end").labels}
 
 
 def compare_with_trained(
@@ -282,7 +301,7 @@ def compare_with_trained(
     conv = {k: kwargs.pop(k) for k in ("site", "sites", "normalize", "orient") if k in kwargs}
     fitted = {}
     for name, result in results.items():
-        iv = scalars_from_result(model, result, n_pos=train_ds.n_pos, **conv)
+        iv = scalars_from_result(model, result, **_lengths(train_ds, result), **conv)
         scaled, table = fit_beta(model, iv, train_ds, **kwargs)
         fitted[name] = (scaled, float(table.loc[table["chosen"], "beta"].iloc[0]))
     fitted[f"{type(trained).__name__} (trained)"] = (trained, 1.0)

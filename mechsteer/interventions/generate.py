@@ -31,6 +31,7 @@ import torch
 
 from mechsteer import kv_cache
 from mechsteer.interventions.base import Intervention
+from mechsteer.tasks.base import ContrastiveDataset
 
 
 def _prompt_tokens(model, intervention: Intervention, prompt: str) -> torch.Tensor:
@@ -40,7 +41,7 @@ def _prompt_tokens(model, intervention: Intervention, prompt: str) -> torch.Tens
         raise TypeError(f"intervention must be a mechsteer Intervention, got {type(intervention).__name__}.")
     tokens = model.to_tokens(prompt)  # (1, pos); follows model.cfg.default_prepend_bos
     n = tokens.shape[1]
-    if intervention.position_bound and intervention.n_pos is not None and n != intervention.n_pos:
+    if intervention.position_bound and intervention.slots is None and intervention.n_pos is not None and n != intervention.n_pos:
         raise ValueError(
             f"{type(intervention).__name__} was built for prompts of {intervention.n_pos} tokens; {prompt!r} has "
             f"{n} (model.to_tokens). Use a prompt of that length (e.g. one of its task's prompts), or DynScalar."
@@ -48,7 +49,7 @@ def _prompt_tokens(model, intervention: Intervention, prompt: str) -> torch.Tens
     return tokens
 
 
-def _generate(model, intervention, tokens, beta, max_new_tokens, seed, generate_kwargs) -> torch.Tensor:
+def _generate(model, intervention, tokens, beta, max_new_tokens, seed, generate_kwargs, where=None) -> torch.Tensor:
     kwargs = {"do_sample": False, "verbose": False} | generate_kwargs
     for bad in ("input", "return_type", "max_new_tokens", "output_logits", "return_cache", "return_input_tokens"):
         if bad in kwargs:
@@ -60,21 +61,26 @@ def _generate(model, intervention, tokens, beta, max_new_tokens, seed, generate_
         torch.manual_seed(seed)
     kwargs["use_past_kv_cache"] = kv_cache.use_cache_for(model, kwargs.get("use_past_kv_cache", True),
                                                          who="steered generation")  # checked unsteered
-    with intervention.apply(model, beta, generation=True), kv_cache.bridged(model):
+    with intervention.apply(model, beta, generation=True, where=where), kv_cache.bridged(model):
         return model.generate(tokens, max_new_tokens=max_new_tokens, return_type="tokens", **kwargs)
 
 
 def steered_generate(
     model,
     intervention: Intervention,
-    prompt: str,
+    prompt: str | ContrastiveDataset,
     beta: float | int = 1.0,
     max_new_tokens: int = 20,
     *,
     seed: int | None = None,
     **generate_kwargs: Any,
-) -> str:
+) -> str | list[str]:
     """Text of f~^beta continuing ``prompt``: prompt + up to ``max_new_tokens`` new tokens.
+
+    ``prompt`` may be a ContrastiveDataset: one text per prompt (a list), each generated
+    from that prompt's own tokens (right-padded prompts are cut at their length, so no
+    prompt continues after pads) with the intervention bound to its positions (named or
+    end-relative slots, its last token).
 
     Greedy unless ``do_sample=True`` is passed (then ``seed`` seeds torch first). Other
     keyword arguments go to ``model.generate`` (e.g. ``use_past_kv_cache=False``,
@@ -88,9 +94,24 @@ def steered_generate(
     >>> text == model.generate("The capital of France is", max_new_tokens=3, do_sample=False, verbose=False)
     True
     """
+    if isinstance(prompt, ContrastiveDataset):
+        return [model.tokenizer.decode(out[0], skip_special_tokens=True)
+                for out in _per_prompt(model, intervention, prompt, beta, max_new_tokens, seed, generate_kwargs)]
     tokens = _prompt_tokens(model, intervention, prompt)
     out = _generate(model, intervention, tokens, beta, max_new_tokens, seed, generate_kwargs)
     return model.tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def _per_prompt(model, intervention, ds, beta, max_new_tokens, seed, generate_kwargs):
+    """Token ids generated from each prompt of ``ds`` alone (its real tokens, its positions bound)."""
+    if not isinstance(intervention, Intervention):
+        raise TypeError(f"intervention must be a mechsteer Intervention, got {type(intervention).__name__}.")
+    where = intervention.token_index(ds)  # (N, n_sel) or None; ValueError on column-bound mixed lengths
+    device = next(model.parameters()).device
+    for b in range(len(ds)):
+        tokens = ds.tokens[b : b + 1, : int(ds.lengths[b])].to(device)  # no pads
+        w = None if where is None else where[b : b + 1].to(device)
+        yield _generate(model, intervention, tokens, beta, max_new_tokens, seed, generate_kwargs, where=w)
 
 
 def compare_generations(

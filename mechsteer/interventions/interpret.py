@@ -30,6 +30,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechsteer.interventions.base import Intervention
+from mechsteer.interventions.objective import answer_logits
+from mechsteer.interventions.train import batch_view, dataset_tensors
 from mechsteer.interventions.scalars import DynScalar
 from mechsteer.interventions.vectors import SteerVec
 from mechsteer.metrics import logit_diff
@@ -75,13 +77,16 @@ def beta_sweep(
     device = next(model.parameters()).device
     intervention.to(device)
     n, k = len(ds), betas.numel()
-    tokens = ds.tokens.to(device).repeat(k, 1)  # (k N, T): every prompt at every beta
+    tokens, correct, wrong, pos, where = dataset_tensors(model, intervention, ds)
+    rep = lambda x: x.repeat(k, *([1] * (x.ndim - 1))) if isinstance(x, Tensor) else x  # noqa: E731
+    tokens, correct, wrong, pos, where = (rep(x) for x in (tokens, correct, wrong, pos, where))  # every prompt at every beta
     beta_all = betas.to(device).repeat_interleave(n)  # (k N,)
-    correct, wrong = ds.correct.to(device).repeat(k), ds.wrong.to(device).repeat(k)
     fc, fw, ld = [], [], []
     for i in tqdm(range(0, k * n, batch_size), desc="beta sweep", disable=not progress):
         sl = slice(i, i + batch_size)
-        logits = intervention(model, tokens[sl], beta_all[sl], last_only=True)[:, -1].float()  # (b, V)
+        t, p, w = batch_view(tokens, pos, where, sl)
+        with intervention.apply(model, beta_all[sl], where=w):
+            logits = answer_logits(model, t, p).float()  # (b, V) at each prompt's last token
         fc.append(logits.gather(-1, correct[sl, None])[:, 0].cpu())
         fw.append(logits.gather(-1, wrong[sl, None])[:, 0].cpu())
         ld.append(logit_diff(logits, correct[sl], wrong[sl], reduce="none").cpu())
@@ -151,32 +156,38 @@ def steervec_geometry(
     """
     if not isinstance(intervention, SteerVec):
         raise TypeError(f"steervec_geometry reads SteerVec vectors; got {type(intervention).__name__}.")
-    if intervention.n_pos is not None and intervention.n_pos != ds.n_pos:
+    if intervention.slots is None and intervention.n_pos is not None and intervention.n_pos != ds.n_pos:
         raise ValueError(f"The SteerVec was built for {intervention.n_pos} tokens; ds has n_pos={ds.n_pos}.")
     intervention.check_model(model)
     device = next(model.parameters()).device
     intervention.to(device)
-    pos = _positions(intervention, ds.n_pos)
+    where = intervention.token_index(ds)  # (N, P) per prompt, or None: the columns below
+    if where is None:
+        pos, labels = _positions(intervention, ds.n_pos), ds.labels
+        where = torch.tensor(pos).expand(len(ds), -1)
+    else:
+        pos = list(range(where.shape[1]))
+        labels = list(intervention.slots) if intervention.slots is not None else (
+            ["end"] if intervention.positions == "last" else [str(p) for p in intervention.positions])
+    count = (where >= 0).sum(0).clamp(min=1).to(device)  # (P,) prompts having each position
     sums: dict[tuple[str, int], list[Tensor]] = {}
     for i in tqdm(range(0, len(ds), batch_size), desc="steervec geometry", disable=not progress):
+        w = where[i : i + batch_size].to(device)
         acts = _clean_acts(model, intervention, ds.tokens[i : i + batch_size].to(device))
         for (s, li), h in acts.items():
-            h = h[:, pos].double()  # (B, P, *tail)
+            present = (w >= 0).view(*w.shape, *([1] * (h.ndim - 3))).double()  # (B, P[, H])
+            h = h.gather(1, w.clamp(min=0).view(*w.shape, *([1] * (h.ndim - 2))).expand(*w.shape, *h.shape[2:]))
+            h = h.double()  # (B, P, *tail) at each prompt's own tokens
             ht = intervention.edit(s, li, h, torch.full((h.shape[0],), float(beta), dtype=h.dtype, device=h.device))
             n0, n1 = h.norm(dim=-1, keepdim=True), ht.norm(dim=-1, keepdim=True)  # (B, P[, H], 1)
             tiny = torch.finfo(h.dtype).tiny
             norm = (n1 / n0.clamp_min(tiny) - 1)[..., 0]
             cos = (h / n0.clamp_min(tiny) - ht / n1.clamp_min(tiny)).pow(2).sum(-1) / 2
             acc = sums.setdefault((s, li), [0, 0])
-            acc[0], acc[1] = acc[0] + norm.sum(0), acc[1] + cos.sum(0)
+            acc[0], acc[1] = acc[0] + (norm * present).sum(0), acc[1] + (cos * present).sum(0)
+    c = lambda a: (a / count.view(-1, *([1] * (a.ndim - 1)))).cpu().numpy()  # noqa: E731 (mean over present)
     frames = [
-        _frame(
-            s,
-            intervention.layers[li],
-            pos,
-            ds.labels,
-            {"norm_change": (a[0] / len(ds)).cpu().numpy(), "cos_change": (a[1] / len(ds)).cpu().numpy()},
-        )
+        _frame(s, intervention.layers[li], pos, labels, {"norm_change": c(a[0]), "cos_change": c(a[1])})
         for (s, li), a in ((key, sums[key]) for key in _order(intervention))
     ]
     return pd.concat(frames, ignore_index=True)

@@ -5,7 +5,8 @@ A saved intervention is a DIRECTORY with two files:
 - ``params.safetensors``: the parameters theta, one tensor per site (keys = site names:
   ``attn_out``, ``mlp_out``, ``resid_post``, ``z``), exactly as held in ``iv.params``.
 - ``meta.json``: what rebuilds the intervention and says what it is for: format and
-  version, ``kind`` (the class name), sites, layers, positions, n_pos, the model shapes
+  version, ``kind`` (the class name), sites, layers, positions, n_pos, slots (named or
+  end-relative positions, or null), the model shapes
   (n_layers, d_model, n_heads, d_head), init_std, seed, each parameter's shape and dtype,
   the training hyperparameters (``config``: a ``TrainConfig`` or any dataclass / dict),
   the model's ``fingerprint`` (architecture, sizes, SHA-256 of its weights) and dtype when
@@ -111,6 +112,7 @@ def intervention_metadata(
         "layers": list(iv.layers),
         "positions": iv.positions if isinstance(iv.positions, str) else list(iv.positions),
         "n_pos": iv.n_pos,
+        "slots": list(iv.slots) if iv.slots is not None else None,  # named / end-relative positions
         "shapes": {"n_layers": iv.n_layers, "d_model": iv.d_model, "n_heads": iv.n_heads, "d_head": iv.d_head},
         "init_std": iv.init_std,
         "seed": iv.seed,
@@ -293,6 +295,7 @@ def load_intervention(path: str | os.PathLike, model=None, *, check: bool = True
         n_heads=shapes.get("n_heads"),
         d_head=shapes.get("d_head"),
         n_pos=meta["n_pos"],
+        slots=meta.get("slots"),  # absent in saves before slots
         init_std=meta.get("init_std", 0.0),
         seed=meta.get("seed", 0),
     )

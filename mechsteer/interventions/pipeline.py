@@ -1,6 +1,8 @@
 """One steering experiment end to end: task -> intervention -> training -> evaluation -> files.
 
-``steer_task`` builds a contrastive task for the model, splits it into train and test,
+``steer_task`` builds a contrastive task for the model (prompts of one length, or of mixed
+lengths: then ActivScalar and SteerVec hold one parameter per named or end-relative slot,
+``Intervention.for_dataset``), splits it into train and test,
 trains one intervention (ActivScalar, SteerVec or DynScalar, by its name in
 ``interventions.kinds.KINDS``) on the train split by maximising Psi (Eq. 9), evaluates it
 on both splits (Sec. 3.4) and computes what its figures draw: the beta sweep on the test
@@ -41,6 +43,7 @@ from mechsteer.interventions.scalars import ActivScalar, DynScalar
 from mechsteer.interventions.train import TrainConfig, train
 from mechsteer.interventions.vectors import SteerVec
 from mechsteer.plots import figures_page
+from mechsteer.tasks.base import ContrastiveDataset
 
 METHODS = KINDS  # the one registry, under the name the CLI and demo import (prefer kinds.KINDS)
 
@@ -82,6 +85,7 @@ class SteerRun:
             "n_train": len(self.train_ds),
             "n_test": len(self.test_ds),
             "n_pos": self.train_ds.n_pos,
+            "slots": list(iv.slots) if iv.slots is not None else None,
             "train": {k: v for k, v in self.metrics["train"].items() if k != "n_params"},
             "test": {k: v for k, v in self.metrics["test"].items() if k != "n_params"},
             "config": dataclasses.asdict(self.config),
@@ -116,7 +120,7 @@ class SteerRun:
 
 def steer_task(
     model,
-    task: str = "ccc",
+    task: str | ContrastiveDataset = "ccc",
     method: str = "activ_scalar",
     sites: Sequence[str] = ("attn_out", "mlp_out"),
     *,
@@ -128,15 +132,20 @@ def steer_task(
     seed: int = 0,
     task_kwargs: dict[str, Any] | None = None,
 ) -> SteerRun:
-    """Build ``task``, train ``method`` at ``sites`` on its train split, evaluate on both."""
+    """Build ``task`` (a name, or a ContrastiveDataset used as given: ``n`` and
+    ``task_kwargs`` are then ignored), train ``method`` at ``sites`` on its train split,
+    evaluate on both."""
     from mechsteer.tasks import make_task
 
     cls = kind_class(method)
-    ds = make_task(task, model, n=n, seed=seed, **(task_kwargs or {}))
+    if isinstance(task, ContrastiveDataset):  # the user's own prompts (any lengths)
+        ds, task = task, task.name
+    else:
+        ds = make_task(task, model, n=n, seed=seed, **(task_kwargs or {}))
     if len(ds) < 2:
         raise ValueError(f"Task {task!r} gave {len(ds)} prompts for this model; need at least 2 to split.")
     train_ds, test_ds = ds.split(test_fraction)
-    iv = cls.for_model(model, sites=sites, layers=layers, positions=positions, n_pos=ds.n_pos, seed=seed)
+    iv = cls.for_dataset(model, ds, sites=sites, layers=layers, positions=positions, seed=seed)  # slots on mixed lengths
     t0 = time.perf_counter()
     history = train(model, iv, train_ds, config)
     metrics = evaluate_splits(model, iv, train_ds, test_ds, batch_size=config.batch_size)

@@ -75,7 +75,7 @@ def alpha_heatmap(
     """Fig. 3: alpha_{l,i}^(s) as layer x position heatmaps (one per site), zero-centred.
 
     ``labels``: a ContrastiveDataset or the prompt's tokens, for position labels
-    ``"{pos}:{token}"``. Site ``z``: one layer x head panel per position of ``z_positions``
+    ``"{pos}:{token}"`` (an intervention on slots is labelled by its slots: ``IO``, ``end-1``). Site ``z``: one layer x head panel per position of ``z_positions``
     (``"last"``, ``"all"`` or token positions among the selected ones).
     """
     if isinstance(z_positions, str) and z_positions not in ("last", "all"):
@@ -84,14 +84,19 @@ def alpha_heatmap(
         raise TypeError(
             f"alpha_heatmap reads ActivScalar alphas; got {type(intervention).__name__} (DynScalar: dynscalar_figure)."
         )
+    if isinstance(labels, ContrastiveDataset) and labels.is_padded:
+        labels = None  # no one prompt's tokens name the positions of mixed-length prompts
     n_pos = (
         intervention.n_pos
         if intervention.n_pos is not None
         else (labels.n_pos if isinstance(labels, ContrastiveDataset) else None)
     )
-    tok = _token_labels(labels, n_pos)
-    pos = _positions(intervention, n_pos)
-    x = ["last"] if pos is None else [tok[p] if tok else str(p) for p in pos]
+    if intervention.slots is not None:  # named or end-relative slots name themselves
+        x, pos = list(intervention.slots), list(range(len(intervention.slots)))
+    else:
+        tok = _token_labels(labels, n_pos)
+        pos = _positions(intervention, n_pos)
+        x = ["last"] if pos is None else [tok[p] if tok else str(p) for p in pos]
     y = [str(l) for l in intervention.layers]
     panels = []
     for site in intervention.sites:

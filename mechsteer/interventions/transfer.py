@@ -7,10 +7,15 @@ evaluates it on every dataset's test split: effectiveness E_0 and faithfulness F
 in-distribution; off-diagonal cells measure transfer to another template (another token
 length) or another task.
 
-Position-bound interventions (ActivScalar, SteerVec) hold parameters tied to token
-positions, so they cannot run on prompts of another length: those cells are NaN
-(``runs_on_length``). With ``positions="last"`` and no ``n_pos`` they run on any length.
+Position-bound interventions (ActivScalar, SteerVec) built on token columns hold
+parameters tied to token positions, so they cannot run on prompts of another length: those
+cells are NaN (``runs_on``). Built on end-relative or named slots (``for_dataset`` on
+mixed-length data, or ``slots=``) or with ``positions="last"`` they run on any length.
 DynScalar runs everywhere: that is what it is for.
+
+``include_all=True`` adds the row of Fig. 6 "trained on all tasks": one intervention
+trained on the train splits of every dataset together (``concat``: prompts of different
+lengths, right-padded) and tested on each test split, like the other rows.
 
 An optional ``"(none)"`` row holds the unsteered model (f~ = f at beta = +-1): E_0 is
 then the model's own hinge, one error counts at beta = +1 for each prompt it gets wrong
@@ -26,10 +31,14 @@ and one at beta = -1 for each it gets right, and F = 0. Read a trained row again
 >>> df = transfer_matrix(model, make, sets, TrainConfig(epochs=1, progress=False), progress=False)
 >>> df["effectiveness"].shape, list(df.index)
 ((3, 2), ['(none)', 'ccc0', 'ccc1'])
+>>> transfer_matrix(model, make, sets, TrainConfig(epochs=1, progress=False), include_all=True,
+...                 progress=False).index.tolist()
+['(none)', 'ccc0', 'ccc1', '(all)']
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -47,19 +56,61 @@ from mechsteer.tasks.base import ContrastiveDataset
 
 METRICS = ("effectiveness", "faithfulness")
 BASELINE = "(none)"
+ALL = "(all)"
 
 
 def runs_on_length(intervention: Intervention, n_pos: int) -> bool:
     """Whether ``intervention`` can run on prompts of ``n_pos`` tokens (position-bound
-    ones only on the length they were built for, unless built without ``n_pos``)."""
-    return not intervention.position_bound or intervention.n_pos is None or intervention.n_pos == n_pos
+    ones on token columns only on the length they were built for, unless built without
+    ``n_pos``; on slots, any length)."""
+    return (not intervention.position_bound or intervention.n_pos is None or intervention.slots is not None
+            or intervention.n_pos == n_pos)
+
+
+def runs_on(intervention: Intervention, ds: ContrastiveDataset) -> bool:
+    """Whether ``intervention`` can run on every prompt of ``ds`` (of any lengths)."""
+    if not runs_on_length(intervention, ds.n_pos):
+        return False
+    try:
+        intervention.token_index(ds)
+    except ValueError:
+        return False
+    return True
+
+
+def concat(datasets: list[ContrastiveDataset], name: str = "all") -> ContrastiveDataset:
+    """The prompts of ``datasets`` in one dataset, in order (right-padded to the longest).
+
+    >>> from mechsteer.tasks import ccc
+    >>> from mechsteer.tiny import tiny_model
+    >>> model = tiny_model("gpt2")
+    >>> both = concat([ccc(model, n=2), ccc(model, n=2, template=1)])
+    >>> len(both), both.is_padded
+    (4, True)
+    """
+    if not datasets:
+        raise ValueError("concat needs at least one dataset.")
+    width = max(d.n_pos for d in datasets)
+    out = {}
+    for f in dataclasses.fields(ContrastiveDataset):
+        vals = [getattr(d, f.name) for d in datasets]
+        if isinstance(vals[0], torch.Tensor) and vals[0].ndim >= 1 and vals[0].shape[0] == len(datasets[0]):
+            vals = [torch.nn.functional.pad(v, (0, width - v.shape[1]), value=d.pad_id) if v.ndim == 2 else v
+                    for v, d in zip(vals, datasets)]
+            out[f.name] = torch.cat([v.to(vals[0].device) for v in vals])
+        elif isinstance(vals[0], list):
+            if any(vals) and not all(vals):  # e.g. named positions in some datasets only
+                vals = [v or [{} for _ in range(len(d))] for v, d in zip(vals, datasets)]
+            out[f.name] = [x for v in vals for x in v]
+    return dataclasses.replace(datasets[0], name=name, dropped={}, **out)
 
 
 @torch.no_grad()
 def _unsteered(model, ds: ContrastiveDataset, batch_size: int) -> dict[str, float]:
     """E_0 and F of the identity intervention (f~+ = f~- = f)."""
     device = next(model.parameters()).device
-    clean = batched_clean_logits(model, ds.tokens.to(device), batch_size)
+    pos = ds.answer_pos
+    clean = batched_clean_logits(model, ds.tokens.to(device), batch_size, pos.to(device) if isinstance(pos, torch.Tensor) else pos)
     e = effectiveness(clean, clean, ds.correct.to(device), ds.wrong.to(device), margin=0.0)
     return {"effectiveness": e.item(), "faithfulness": 0.0}
 
@@ -73,40 +124,48 @@ def transfer_matrix(
     test_fraction: float = 0.25,
     batch_size: int = 32,  # prompts per forward (each at beta = +1 and -1 in it)
     baseline: bool = True,
+    include_all: bool = False,  # add the "(all)" row: trained on every train split together
     return_interventions: bool = False,
     progress: bool = True,
 ) -> pd.DataFrame | tuple[pd.DataFrame, dict[str, Intervention]]:
     """Train ``make_intervention(model, train_split)`` on each dataset's train split; E_0
     and F of each on every dataset's test split.
 
-    Returns a DataFrame indexed by train set (``"(none)"`` first when ``baseline``), with
-    columns (metric, test set): ``df["effectiveness"]`` is the Fig. 6 matrix. NaN where a
-    position-bound intervention meets another prompt length. ``return_interventions``
-    also returns the trained interventions by name.
+    Returns a DataFrame indexed by train set (``"(none)"`` first when ``baseline``,
+    ``"(all)"`` last when ``include_all``), with columns (metric, test set):
+    ``df["effectiveness"]`` is the Fig. 6 matrix. NaN where a position-bound intervention
+    on token columns meets another prompt length. ``return_interventions`` also returns
+    the trained interventions by name. ``make_intervention(model, ds)`` gets the mixed-length
+    train set for the "(all)" row: build with ``Cls.for_dataset(model, ds, ...)`` (or
+    DynScalar) so it runs there.
     """
     if not datasets:
         raise ValueError("datasets is empty; pass {name: ContrastiveDataset}, e.g. one per template.")
     bad = [k for k, v in datasets.items() if not isinstance(v, ContrastiveDataset)]
     if bad:
         raise TypeError(f"datasets[{bad[0]!r}] is not a ContrastiveDataset.")
-    if BASELINE in datasets:
-        raise ValueError(f"{BASELINE!r} names the unsteered row; rename that dataset.")
+    for reserved in (BASELINE, ALL):
+        if reserved in datasets:
+            raise ValueError(f"{reserved!r} names a row of its own (unsteered / all together); rename that dataset.")
     splits = {k: v.split(test_fraction) for k, v in datasets.items()}
     names = list(datasets)
+    train_sets = {k: splits[k][0] for k in names}
+    if include_all:
+        train_sets[ALL] = concat([splits[k][0] for k in names], name=ALL)
     rows: dict[str, dict[tuple[str, str], float]] = {}
     if baseline:
         rows[BASELINE] = {(m, t): v for t in names for m, v in _unsteered(model, splits[t][1], batch_size).items()}
     trained: dict[str, Intervention] = {}
-    for name in tqdm(names, desc="transfer", disable=not progress):
-        iv = make_intervention(model, splits[name][0])
+    for name, train_ds in tqdm(train_sets.items(), desc="transfer", disable=not progress):
+        iv = make_intervention(model, train_ds)
         if not isinstance(iv, Intervention):
             raise TypeError(f"make_intervention returned {type(iv).__name__}, not a mechsteer Intervention.")
-        train(model, iv, splits[name][0], config)
+        train(model, iv, train_ds, config)
         trained[name] = iv
         rows[name] = {}
         for t in names:
             test = splits[t][1]
-            r = evaluate(model, iv, test, batch_size) if runs_on_length(iv, test.n_pos) else {}
+            r = evaluate(model, iv, test, batch_size) if runs_on(iv, test) else {}
             for m in METRICS:
                 rows[name][(m, t)] = float(r.get(m, np.nan))
     df = pd.DataFrame.from_dict(rows, orient="index")
