@@ -101,7 +101,7 @@ class Sweep:
         with quiet_optuna():
             self.study = optuna.create_study(storage=open_storage(storage), study_name=name, sampler=self.sampler,
                                              directions=list(DIRECTIONS), load_if_exists=True)
-        self._claim("fingerprint", fingerprint, "model or data")
+        self._claim("fingerprint", fingerprint, "model weights or data")
         self._claim("settings", settings, "settings")
 
     def _claim(self, attr: str, mine: dict, what: str) -> None:
@@ -114,8 +114,8 @@ class Sweep:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             lines = "; ".join(f"{k}: study {theirs.get(k)!r}, this worker {mine.get(k)!r}" for k in diff)
             raise ValueError(
-                f"Study {self.study.study_name!r} is a sweep of another {what} ({lines}). Every worker must load the "
-                "same model and build the same data with the same settings; or give another --study name.")
+                f"Study {self.study.study_name!r} holds a sweep with other {what} ({lines}). Every worker must load "
+                "the same model and build the same data with the same settings; or give another study name (--study).")
 
     @property
     def public_url(self) -> str:
