@@ -234,3 +234,14 @@ def test_bad_record_containers(tiny_gpt2, tmp_path):
         from_records(tiny_gpt2, frame)
     with pytest.raises(TypeError, match="strict"):
         from_records(tiny_gpt2, [GOOD], strict="yes")
+
+
+@pytest.mark.integration
+def test_smollm2_keeps_nearly_all_builtin_items(smollm2):
+    c = ccc(smollm2, n=None, template=0, same_length=False)
+    assert len(c) >= 190 and c.is_padded and c.multi_token  # of 198 candidates (issue 11)
+    assert set(c.dropped) <= {"corrupted_length_differs"}
+    i = ioi(smollm2, n=None, same_length=False)
+    assert len(i) == 1000 and not i.dropped
+    for d, names in ((c, ("country", "context", "query")), (i, ("IO", "S1", "S2"))):
+        assert all(set(p) == set(names) for p in d.positions)
