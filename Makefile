@@ -16,6 +16,8 @@
 #   make notebooks     execute notebooks/*.ipynb on SmolLM2, saved with their outputs
 #   make docs          the documentation site (mkdocs, strict, offline) -> site/
 #   make browser       Chromium + chromedriver from Debian for tests/test_browser.py (root + apt)
+#   make postgres      Debian's PostgreSQL, started, with a role and a database for the sweep test
+#                      (tests/test_sweeps.py runs it when MECHSTEER_TEST_PG_URL=$$(make -s postgres-url))
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -25,8 +27,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mechsteer-installed
 LATEST := .venv-latest
 PIP_Q  := --quiet --disable-pip-version-check
+PG_DB  ?= mechsteer_test
+PG_URL ?= postgresql+psycopg://mechsteer:mechsteer@127.0.0.1:5432/$(PG_DB)
 
-.PHONY: setup demo demo-full test test-fast test-latest lock clean docs browser notebooks
+.PHONY: setup demo demo-full test test-fast test-latest lock clean docs browser notebooks postgres postgres-url
 
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -94,6 +98,29 @@ browser:
 	else \
 	  echo "browser: cannot install chromium and chromium-driver here (needs root and apt-get); tests/test_browser.py will skip"; \
 	fi
+
+# A local PostgreSQL server for the sweep test: installed from apt where missing (root), its
+# first cluster started with pg_ctlcluster (no systemd needed), then a login role `mechsteer`
+# and the database $(PG_DB). Where that cannot be done, the PostgreSQL test skips.
+PSQL := runuser -u postgres -- psql -v ON_ERROR_STOP=1 -qtA
+postgres:
+	@if ! command -v pg_ctlcluster >/dev/null; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
+	  else echo "postgres: cannot install postgresql here (needs root and apt-get); the PostgreSQL test will skip"; exit 0; fi; \
+	fi; \
+	set -e; \
+	ver=$$(ls /usr/lib/postgresql | sort -V | tail -1); \
+	pg_lsclusters -h | grep -q "^$$ver main" || pg_createcluster $$ver main; \
+	pg_lsclusters -h | grep -q "^$$ver main .* online" || pg_ctlcluster $$ver main start; \
+	$(PSQL) -c "SELECT 1 FROM pg_roles WHERE rolname = 'mechsteer'" | grep -q 1 || \
+	  $(PSQL) -c "CREATE ROLE mechsteer LOGIN PASSWORD 'mechsteer'"; \
+	$(PSQL) -c "SELECT 1 FROM pg_database WHERE datname = '$(PG_DB)'" | grep -q 1 || \
+	  $(PSQL) -c "CREATE DATABASE $(PG_DB) OWNER mechsteer"; \
+	echo "postgres: PostgreSQL $$ver running; MECHSTEER_TEST_PG_URL=$(PG_URL)"
+
+postgres-url:
+	@echo "$(PG_URL)"
 
 clean:
 	rm -rf $(VENV) $(LATEST) out site
