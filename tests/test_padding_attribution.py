@@ -288,3 +288,10 @@ def test_suite_mixed_lengths(mixed):
     assert set(suite.comparisons) == {"heads", "attn_out", "mlp_out"}
     end = run_suite(model, ds, ["atp", "dla"], positions="end", progress=False)
     assert end.results["attn_out"]["atp"].labels["pos"][-1] == "end"
+
+
+def test_atp_custom_metric_and_denoising(mixed):
+    model, ds = mixed
+    for kw in ({"metric": "logit"}, {"direction": "denoising"}):
+        res = attribution_patching_all(model, ds, sites=("attn_out",), positions="end", **kw)["attn_out"]
+        assert torch.isfinite(res.scores).all() and res.scores.shape[-1] == ds.n_pos
