@@ -66,17 +66,18 @@ def test_zero_intervention_leaves_padded_logits_unchanged(tiny, kind):
 
 
 @pytest.mark.parametrize("kind", [ActivScalar, SteerVec, DynScalar])
-def test_fixed_intervention_per_prompt_equals_alone(tiny, kind):
+@pytest.mark.parametrize("axis", ["end", "auto"])
+def test_fixed_intervention_per_prompt_equals_alone(tiny, kind, axis):
     ds = mixed(tiny)
-    iv = build(kind, tiny, ds, init_std=0.3, seed=1)
+    iv = build(kind, tiny, ds, init_std=0.3, seed=1, axis=axis)
     if kind is not DynScalar:
-        assert iv.slots[-1] == "end" and len(iv.slots) == ds.n_pos  # end-relative on mixed lengths
+        assert iv.slots == tuple(ds.position_axis(axis).labels) and iv.slots[-1] == "end"
     together = assert_alone(tiny, iv, ds)
     assert (together[0] != together[1]).any()  # the intervention does something
 
 
 def test_named_slots_per_prompt_equals_alone(tiny_llama):
-    ds = mixed(tiny_llama)
+    ds = mixed(tiny_llama)  # hand-made named positions, some absent in some prompts
     names = [{"second": 1, "third": 2} if i % 2 else {"second": 1} for i in range(len(ds))]
     ds = dataclasses.replace(ds, positions=names)
     iv = build(ActivScalar, tiny_llama, ds, init_std=0.3, seed=2)
@@ -89,7 +90,7 @@ def test_named_slots_per_prompt_equals_alone(tiny_llama):
 
 def test_end_slots_run_unbound_on_a_single_prompt(tiny_gpt2):
     ds = mixed(tiny_gpt2)
-    iv = build(SteerVec, tiny_gpt2, ds, init_std=0.3)
+    iv = build(SteerVec, tiny_gpt2, ds, init_std=0.3, axis="end")
     one = ds.subset([1])
     with torch.no_grad():
         with iv.apply(tiny_gpt2, 1.0, where=iv.token_index(one)):

@@ -191,7 +191,7 @@ class Intervention(torch.nn.Module):
         >>> model = tiny_model("llama")
         >>> ds = build_dataset("ccc", model, ccc_candidates(0, templates=[0, 1])[:8], n=None, seed=0, same_length=False)
         >>> from mechsteer.interventions import ActivScalar
-        >>> ActivScalar.for_dataset(model, ds, sites=["mlp_out"]).slots[-3:]
+        >>> ActivScalar.for_dataset(model, ds, sites=["mlp_out"], axis="end").slots[-3:]
         ('end-2', 'end-1', 'end')
         """
         return positions_.for_dataset(cls, model, ds, sites, layers, positions, axis, **kwargs)
