@@ -13,7 +13,8 @@ need; this module runs it:
   blocks 0..l-1 (the TransformerLens 4 bridge runs and discards them otherwise).
 - ``PrefixKV``: a run's own keys and values, reused for an unchanged prefix (through
   ``mechsteer.kv_cache``, the one module that touches cache objects).
-- ``batch_rows``: rows per forward from a memory budget; ``timer``,
+- ``batch_rows``: rows per forward from a memory budget (``max_memory=``, bytes or
+  ``"2GB"``; default a share of the free device memory: ``memory_budget``); ``timer``,
   ``plain_forward_seconds``: timing, for costs in forward equivalents.
 
 A *site* here is a hook name (``sites.hook_name("z", 3)``) or a ``(site, layer)`` pair;
@@ -38,8 +39,9 @@ from mechsteer.sites import hook_name, hooked
 SiteKey = Hashable  # a hook name, or a (site, layer) pair
 Keep = Callable[[Tensor], Tensor]
 
-# Memory one forward may use when batch_size is not given (CPU; on CUDA a quarter of the
-# free memory). On CPU, rows beyond a few hundred tokens' worth gain little.
+# Most memory one chunk may use on CPU when neither batch_size nor max_memory is given (a
+# quarter of the available host memory below that; on CUDA a quarter of the free memory).
+# On CPU, rows beyond a few hundred tokens' worth gain little.
 CPU_BUDGET_BYTES = 128 * 2**20
 
 
@@ -157,17 +159,98 @@ def plain_forward_seconds(model, tokens: Tensor, repeats: int = 3) -> float:
 
 
 # ---- memory -----------------------------------------------------------------------------
-def batch_rows(model, n_pos: int, n_prompts: int, keep_logits: int, batch_size: int | None) -> int:
-    """Rows (prompts) per forward: ``batch_size`` or a memory estimate, rounded down to a
-    multiple of ``n_prompts`` (at least ``n_prompts``)."""
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_bytes(max_memory: int | float | str) -> int:
+    """Bytes of a budget given as a number or a string: ``"2GB"`` (10^9), ``"512MiB"``
+    (2^20), ``"1.5G"`` (2^30), ``"4096"``, as accelerate's ``max_memory`` reads them.
+
+    >>> parse_bytes("2GB"), parse_bytes("512MiB"), parse_bytes(1024)
+    (2000000000, 536870912, 1024)
+    """
+    if isinstance(max_memory, bool) or not isinstance(max_memory, (int, float, str)):
+        raise TypeError(f"max_memory must be bytes (a number) or a string such as '2GB' or '512MiB', "
+                        f"got {max_memory!r} ({type(max_memory).__name__}).")
+    text = str(max_memory).strip().replace(" ", "").replace("_", "")
+    number = text.rstrip("BbIiKkMmGgTt")
+    unit = text[len(number):].upper()
+    try:
+        value = float(number) * UNITS[unit]
+    except (KeyError, ValueError):
+        value = float("nan")
+    if not value > 0 or value == float("inf"):  # (NaN fails too)
+        raise ValueError(f"max_memory must be a positive number of bytes or a string such as '2GB', '512MiB', "
+                         f"'1.5G', got {max_memory!r}.")
+    return int(value)
+
+
+def free_memory(device: str | torch.device) -> int:
+    """Bytes free now on ``device``: CUDA's ``mem_get_info``, else the host's available
+    memory (psutil, else ``/proc/meminfo``'s MemAvailable; 4 GiB when neither is there)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+def memory_budget(device: str | torch.device, max_memory: int | float | str | None = None) -> int:
+    """Bytes one chunk of a run may use: ``max_memory`` when given, else a share of what
+    is free: a quarter of the free CUDA memory, or on CPU a quarter of the available host
+    memory capped at ``CPU_BUDGET_BYTES`` (more rows per forward gain little on CPU).
+
+    >>> memory_budget("cpu", "64MiB")
+    67108864
+    >>> 0 < memory_budget("cpu") <= CPU_BUDGET_BYTES
+    True
+    """
+    if max_memory is not None:
+        return parse_bytes(max_memory)
+    free = free_memory(device) // 4
+    return free if torch.device(device).type == "cuda" else max(1, min(free, CPU_BUDGET_BYTES))
+
+
+def row_bytes(model, n_pos: int, keep_logits: int) -> int:
+    """Estimated bytes one prompt (row) holds live in a forward: one block's activations
+    (residual, attention scores, MLP hidden) at the model's dtype, plus ``keep_logits``
+    positions of float32 logits."""
+    cfg = model.cfg
+    d_mlp = getattr(cfg, "d_mlp", None) or 4 * cfg.d_model
+    param = next(iter(model.parameters()), None)
+    itemsize = param.element_size() if param is not None and param.is_floating_point() else 4
+    per_token = 8 * cfg.d_model + 3 * d_mlp + 3 * cfg.n_heads * n_pos  # live values in one block
+    return itemsize * n_pos * per_token + 4 * keep_logits * cfg.d_vocab
+
+
+def batch_rows(model, n_pos: int, n_prompts: int, keep_logits: int, batch_size: int | None, *,
+               max_memory: int | float | str | None = None) -> int:
+    """Rows (prompts) per forward: ``batch_size``, or as many as fit the memory budget
+    (``max_memory``: bytes or a string like ``"2GB"``; default ``memory_budget``'s share
+    of the free memory of the model's device), rounded down to a multiple of
+    ``n_prompts`` (at least ``n_prompts``).
+
+    >>> from mechsteer.tiny import tiny_model
+    >>> model = tiny_model("gpt2")
+    >>> batch_rows(model, 8, 4, 1, None, max_memory="1MiB") < batch_rows(model, 8, 4, 1, None, max_memory="64MiB")
+    True
+    """
     if batch_size is None:
-        cfg = model.cfg
-        d_mlp = getattr(cfg, "d_mlp", None) or 4 * cfg.d_model
-        per_token = 8 * cfg.d_model + 3 * d_mlp + 3 * cfg.n_heads * n_pos  # live floats in one block
-        per_row = 4 * (n_pos * per_token + keep_logits * cfg.d_vocab)
-        device = torch.device(cfg.device)
-        budget = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else CPU_BUDGET_BYTES
-        batch_size = budget // per_row
+        budget = memory_budget(torch.device(model.cfg.device), max_memory)
+        batch_size = budget // row_bytes(model, n_pos, keep_logits)
     elif batch_size < 1:
         raise ValueError(f"batch_size must be a positive number of prompts per forward, got {batch_size}.")
     return max(1, batch_size // n_prompts) * n_prompts
