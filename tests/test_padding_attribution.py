@@ -224,9 +224,25 @@ def test_refusals(mixed):
         direct_logit_attribution_all(model, ds, metric="answer_logprob")
     with pytest.raises(ValueError, match="nonlinear"):
         attnlrp(model, ds, metric="answer_logprob", progress=False)
-    with pytest.raises(ValueError, match="different lengths"):
-        activation_patching(model, ds, site="attn_out", metric="logit", progress=False)
-    activation_patching(model, ds, site="attn_out", metric="logit", per_position=False, progress=False)
+
+
+
+@pytest.mark.parametrize("direction", ["noising", "denoising"])
+def test_patching_custom_metric_per_position(mixed, direction):
+    """A custom metric is evaluated on each prompt alone: the dataset's score times its
+    gap is the mean, over the prompts having each position, of each prompt's own effect."""
+    model, ds = mixed
+    kw = dict(site="attn_out", metric="logit", positions="end", direction=direction, progress=False)
+    full = activation_patching(model, ds, **kw)
+    effects = torch.zeros(len(ds), *full.scores.shape, dtype=torch.float64)
+    for i in range(len(ds)):
+        alone = activation_patching(model, ds.subset([i]), **kw)
+        gap = alone.meta["clean_metric"] - alone.meta["corrupted_metric"]
+        effects[i, ..., -alone.scores.shape[-1]:] = alone.scores.double() * gap
+    gap = full.meta["clean_metric"] - full.meta["corrupted_metric"]
+    close(full.scores.double() * gap, present_mean(effects, ds))
+    whole = activation_patching(model, ds, site="attn_out", metric="logit", per_position=False, progress=False)
+    assert whole.axes == ("layer",) and torch.isfinite(whole.scores).all()
 
 
 @pytest.mark.integration

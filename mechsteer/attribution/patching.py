@@ -76,7 +76,7 @@ def _scores(patched: Tensor, clean: Tensor | float, corrupted: Tensor | float, d
     return recovered if direction == "denoising" else 1 - recovered
 
 
-def _check_args(model, ds, site, direction, metric, per_prompt, per_position) -> tuple[list[str], Metric | None, str]:
+def _check_args(model, ds, site, direction, metric, per_prompt) -> tuple[list[str], Metric | None, str]:
     check_dataset(ds, model=model)
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be 'noising' or 'denoising', got {direction!r}.")
@@ -90,25 +90,27 @@ def _check_args(model, ds, site, direction, metric, per_prompt, per_position) ->
             "per_prompt=True needs per-prompt metric values, which only the default metric (logit "
             "difference) gives; drop the custom metric or set per_prompt=False."
         )
-    if metric is not None and per_position and ds.is_padded:
-        raise ValueError(
-            f"metric={name!r} with per_position=True on prompts of different lengths "
-            f"({sorted(set(ds.lengths.tolist()))} tokens): a metric of the whole batch cannot be split per "
-            "prompt, and token position p is a different position in each prompt. Use the default metric "
-            "('logit_diff', read per prompt and averaged per position), or per_position=False."
-        )
     return sites, metric, name
 
 
-def _evaluator(ds: ContrastiveDataset, metric: Metric | None):
+def _evaluator(ds: ContrastiveDataset, metric: Metric | None, split: bool = False):
     """Logits of k whole cells, ``(k * B, ...)``, -> ``(k, B)`` logit differences (default
-    metric) or ``(k,)`` values of the custom metric (one call per cell, on B prompts)."""
+    metric) or ``(k,)`` values of the custom metric (one call per cell, on B prompts);
+    ``split``: ``(k, B)`` values of the custom metric on each prompt alone (its own
+    ``ds.subset([b])`` and its own tokens, pads cut off)."""
     B = len(ds)
+    singles = [ds.subset([b]) for b in range(B)] if split else []
+    lengths = ds.lengths.tolist()
 
     def evaluate(logits: Tensor) -> Tensor:
         k = logits.shape[0] // B
         if metric is None:
             return logit_diff(logits, ds.correct.repeat(k), ds.wrong.repeat(k), reduce="none").view(k, B)
+        if split:
+            return torch.stack([
+                check_metric_output(metric(logits[i * B + b : i * B + b + 1, : lengths[b]], singles[b]))
+                for i in range(k) for b in range(B)
+            ]).view(k, B)
         return torch.stack([check_metric_output(metric(logits[i * B : (i + 1) * B], ds)) for i in range(k)])
 
     return evaluate
@@ -121,15 +123,15 @@ def _prompt_lds(clean_logits: Tensor, corrupt_logits: Tensor, ds) -> tuple[Tenso
             logit_diff(corrupt_logits, ds.correct, ds.wrong, pos=pos, reduce="none"))
 
 
-def _padded_scores(values: Tensor, clean_logits: Tensor, corrupt_logits: Tensor, ds, direction: str, axis,
-                   m_clean: Tensor, m_corr: Tensor, shape: tuple) -> Tensor:
-    """Right-padded prompts, per position: ``(layer, cell, B)`` patched logit differences ->
-    scores on ``axis``: each prompt's effect (noising ld_clean - ld_patched, denoising
-    ld_patched - ld_corr) averaged over the prompts that have each position, divided by the
-    dataset's m_clean - m_corr (as for equal lengths, where this is the mean's score)."""
-    ld_clean, ld_corr = _prompt_lds(clean_logits, corrupt_logits, ds)
+def _padded_scores(values: Tensor, refs: tuple[Tensor, Tensor], direction: str, axis, m_clean: Tensor,
+                   m_corr: Tensor, shape: tuple) -> Tensor:
+    """Right-padded prompts, per position: ``(layer, cell, B)`` patched per-prompt metric
+    values -> scores on ``axis``: each prompt's effect (noising m_clean_b - m_patched_b,
+    denoising m_patched_b - m_corr_b; ``refs`` = per-prompt (m_clean_b, m_corr_b)) averaged
+    over the prompts that have each position, divided by the dataset's m_clean - m_corr (as
+    for equal lengths, where this is the mean's score)."""
     v = values.permute(2, 0, 1).reshape(values.shape[2], values.shape[0], *shape)  # (B, layer, *cells)
-    ref = (ld_clean if direction == "noising" else ld_corr).reshape(-1, *[1] * (v.ndim - 1))
+    ref = (refs[0] if direction == "noising" else refs[1]).to(v.dtype).reshape(-1, *[1] * (v.ndim - 1))
     effect = ref - v if direction == "noising" else v - ref
     return on_axis(effect, axis) / (m_clean - m_corr)
 
@@ -185,7 +187,8 @@ def activation_patching(
     (``"auto"``: token positions for equal lengths, else the dataset's named positions,
     else end-relative ``end-k .. end``): each entry is the mean effect over the prompts
     that have it, over the dataset's m_clean - m_corr; a patch at a pad changes nothing
-    and is left out. Custom metrics need equal lengths or ``per_position=False``.
+    and is left out. There a custom metric is evaluated on each prompt alone
+    (``metric(logits of prompt b, ds.subset([b]))``), so it should be a mean over prompts.
 
     >>> from mechsteer.tiny import tiny_model
     >>> from mechsteer.tasks import ioi
@@ -194,14 +197,16 @@ def activation_patching(
     >>> result.axes, tuple(result.scores.shape)
     (('layer', 'head'), (2, 4))
     """
-    sites, metric, metric_name = _check_args(model, ds, site, direction, metric, per_prompt, per_position)
+    sites, metric, metric_name = _check_args(model, ds, site, direction, metric, per_prompt)
     axis = position_axis(ds, positions) if per_position else None
     batch_size = positive_int("batch_size", batch_size, allow_none=True)
     ds = ds.to(model.cfg.device)
     base, source = (ds.corrupted_tokens, ds.tokens) if direction == "denoising" else (ds.tokens, ds.corrupted_tokens)
     B, n_pos, n_layers = len(ds), ds.n_pos, model.cfg.n_layers
     layers = range(n_layers)
-    m, evaluate = metric or default_metric, _evaluator(ds, metric)
+    # per position on a named or end-relative axis, a custom metric is evaluated per prompt
+    split = metric is not None and per_position and axis.mode != "tokens"
+    m, evaluate = metric or default_metric, _evaluator(ds, metric, split)
     last = ds.last if ds.is_padded and metric is None else None  # per-row answer reads in the sweep
     keep_logits = 1 if metric is None else n_pos
     if last is not None:
@@ -262,8 +267,9 @@ def activation_patching(
         pp = _per_prompt_scores(values[s], clean_logits, corrupt_logits, ds, direction) if per_prompt else None
         pp = None if pp is None else pp.reshape(B, n_layers, *grid.shape)
         if per_position and axis.mode != "tokens":  # prompts of different lengths: per prompt, then the axis
-            scores = _padded_scores(values[s], clean_logits, corrupt_logits, ds, direction, axis, m_clean, m_corr,
-                                    grid.shape)
+            refs = (evaluate(clean_logits)[0], evaluate(corrupt_logits)[0]) if split else \
+                _prompt_lds(clean_logits, corrupt_logits, ds)
+            scores = _padded_scores(values[s], refs, direction, axis, m_clean, m_corr, grid.shape)
             pp = per_prompt_on_axis(pp, axis)
         else:
             mean = values[s].mean(-1) if metric is None else values[s]  # (layer, cell)
