@@ -311,3 +311,49 @@ def test_atp_custom_metric_and_denoising(mixed):
     for kw in ({"metric": "logit"}, {"direction": "denoising"}):
         res = attribution_patching_all(model, ds, sites=("attn_out",), positions="end", **kw)["attn_out"]
         assert torch.isfinite(res.scores).all() and res.scores.shape[-1] == ds.n_pos
+
+
+RECORDS = [  # multi-token answers, three prompt lengths
+    dict(prompt="When Mary and John went out, John gave a gift to",
+         corrupted="When Mary and John went out, Mary gave a gift to", correct=" Mary Smith", wrong=" John"),
+    dict(prompt="Mary and John talked. John thanked", corrupted="Mary and John talked. Mary thanked",
+         correct=" Mary", wrong=" John Brown"),
+    dict(prompt="Then John and Mary went to the store. Mary handed the long red bag to",
+         corrupted="Then John and Mary went to the store. John handed the long red bag to",
+         correct=" John Doe", wrong=" Mary Ann"),
+]
+
+
+def test_multi_token_answers(mixed):
+    """First-differing-token logit difference (every method) and the teacher-forced
+    answer log-probability (patching, AtP; DLA and AttnLRP refuse it) on mixed lengths."""
+    from mechsteer.tasks import from_records
+
+    model, _ = mixed
+    ds = from_records(model, RECORDS)
+    assert ds.multi_token and ds.is_padded
+    pp = attribution_patching_all(model, ds, sites=("attn_out",), per_prompt=True, positions="end")["attn_out"].per_prompt
+    g = gaps(model, ds)
+    for i in range(len(ds)):
+        a = attribution_patching_all(model, ds.subset([i]), sites=("attn_out",), per_prompt=True,
+                                     positions="end")["attn_out"].per_prompt[0]
+        close(pp[i][..., -a.shape[-1]:] * g[i], a * g[i])
+    dla = direct_logit_attribution_all(model, ds, per_prompt=True)["z"].per_prompt
+    close(dla.sum((1, 2)), torch.cat([direct_logit_attribution_all(model, ds.subset([i]), per_prompt=True)["z"]
+                                      .per_prompt.sum((1, 2)) for i in range(len(ds))]))
+    attnlrp(model, ds, progress=False)
+    tf = ds.teacher_forced(model)
+    kw = dict(site="attn_out", metric="answer_logprob", positions="end", progress=False)
+    full = activation_patching(model, tf, **kw)
+    effects = torch.zeros(len(tf), *full.scores.shape, dtype=torch.float64)
+    for i in range(len(tf)):
+        alone = activation_patching(model, tf.subset([i]), **kw)
+        effects[i, ..., -alone.scores.shape[-1]:] = alone.scores.double() * (
+            alone.meta["clean_metric"] - alone.meta["corrupted_metric"])
+    close(full.scores.double() * (full.meta["clean_metric"] - full.meta["corrupted_metric"]), present_mean(effects, tf))
+    res = attribution_patching_all(model, tf, sites=("attn_out",), metric="answer_logprob")["attn_out"]
+    assert torch.isfinite(res.scores).all()
+    for fn in (lambda: direct_logit_attribution_all(model, tf, metric="answer_logprob"),
+               lambda: attnlrp(model, tf, metric="answer_logprob", progress=False)):
+        with pytest.raises(ValueError, match="nonlinear"):
+            fn()
