@@ -76,6 +76,14 @@ def test_fixed_intervention_per_prompt_equals_alone(tiny, kind, axis):
     assert (together[0] != together[1]).any()  # the intervention does something
 
 
+@pytest.mark.parametrize("kind", [SteerVec, DynScalar])
+def test_last_position_is_each_prompts_own(tiny_gpt2, kind):
+    ds = mixed(tiny_gpt2)
+    iv = kind.for_dataset(tiny_gpt2, ds, sites=["resid_post"], positions="last", init_std=0.3)
+    assert iv.token_index(ds)[:, 0].tolist() == ds.last.tolist()
+    assert_alone(tiny_gpt2, iv, ds)
+
+
 def test_named_slots_per_prompt_equals_alone(tiny_llama):
     ds = mixed(tiny_llama)  # hand-made named positions, some absent in some prompts
     names = [{"second": 1, "third": 2} if i % 2 else {"second": 1} for i in range(len(ds))]
@@ -179,3 +187,24 @@ def test_transfer_all_templates_is_one_row(tiny_gpt2):
     assert ivs["(all)"].slots is not None  # trained on both lengths together: end-relative slots
     assert df.loc["(all)", "effectiveness"].notna().all()
     assert df.loc["t0", ("effectiveness", "t1")] != df.loc["t0", ("effectiveness", "t1")]  # NaN: columns of t0
+
+
+def test_fv_pipeline_on_mixed_lengths_equals_alone(tiny_llama):
+    """The FV pipeline never pads (FVPrompts.batches groups one length): per-prompt means
+    and steered ranks on prompts of different lengths equal each prompt's alone."""
+    from mechsteer.fv.evaluate import zero_shot_accuracy
+    from mechsteer.fv.means import mean_head_z
+    from mechsteer.tasks.fv import FVPrompts
+
+    texts = ["Q: hot A:", "Q: very tall tree A:", "Q: a cold and wet day A:", "Q: up A:"]
+    toks = [tiny_llama.to_tokens(t)[0] for t in texts]
+    assert len({len(t) for t in toks}) > 2
+    n = len(texts)
+    p = FVPrompts("antonym", "zero_shot", texts, toks, torch.tensor([5, 6, 7, 8]), [[]] * n, [-1] * n, texts, texts)
+    alone = [p.subset([i]) for i in range(n)]
+    mean = mean_head_z(tiny_llama, p, progress=False)
+    torch.testing.assert_close(mean, sum(mean_head_z(tiny_llama, a, progress=False) for a in alone) / n)
+    fv = torch.randn(tiny_llama.cfg.d_model, generator=torch.Generator().manual_seed(0)) * 5
+    steer = lambda: inject_fv(tiny_llama, fv, 1, 1.0)  # noqa: E731
+    ranks = zero_shot_accuracy(tiny_llama, p, steer=steer, batch_size=2, progress=False)["rank"]
+    assert ranks.tolist() == [zero_shot_accuracy(tiny_llama, a, steer=steer, progress=False)["rank"].item() for a in alone]

@@ -346,11 +346,12 @@ class Intervention(torch.nn.Module):
 
     def forward(
         self, model, tokens: Int[Tensor, "batch pos"], beta: float | int | Float[Tensor, "*b"] = 1.0,
-        *, last_only: bool = False,
+        *, last_only: bool = False, where: Int[Tensor, "batch n_sel"] | None = None,
     ) -> Float[Tensor, "batch out_pos vocab"]:
         """Logits f~^beta(x) of ``model`` on ``tokens`` under this intervention; ``last_only``:
-        the last position's alone (``(batch, 1, vocab)``, the unembedding of one position)."""
-        with self.apply(model, beta):
+        the last column's alone (``(batch, 1, vocab)``; right-padded prompts read their own
+        last tokens with ``objective.answer_logits``); ``where``: bound (``bind``)."""
+        with self.apply(model, beta, where=where):
             return model(tokens, logits_to_keep=1) if last_only else model(tokens)
 
     def extra_repr(self) -> str:
