@@ -185,9 +185,10 @@ class Sweep:
         """Run trials until the sweep is done; return how many ran here.
 
         ``n_trials`` is the study's budget: no trial starts once that many configurations
-        are done (None: every grid point; NSGA-II needs a number). With ``wait=True`` this also waits for trials that other workers are running, and
-        reruns those whose worker died, so that every grid point is done on return; with
-        ``wait=False`` it returns when nothing is left to start. ``on_trial(row, new)`` is
+        are done (None: every grid point; NSGA-II needs a number). With ``wait=True`` this
+        also waits for trials that other workers are running, and reruns those whose
+        worker died, so that every grid point is done on return; with ``wait=False`` it
+        returns when nothing is left to start. ``on_trial(row, new)`` is
         called after each trial (``new``: trained here, not read back).
         """
         ran = 0
