@@ -208,3 +208,15 @@ def test_fv_pipeline_on_mixed_lengths_equals_alone(tiny_llama):
     steer = lambda: inject_fv(tiny_llama, fv, 1, 1.0)  # noqa: E731
     ranks = zero_shot_accuracy(tiny_llama, p, steer=steer, batch_size=2, progress=False)["rank"]
     assert ranks.tolist() == [zero_shot_accuracy(tiny_llama, a, steer=steer, progress=False)["rank"].item() for a in alone]
+
+
+@pytest.mark.integration
+def test_smollm2_padding_changes_nothing(smollm2):
+    """On SmolLM2: CCC over all templates, mixed lengths (multi-token answers kept)."""
+    from mechsteer.tasks import ccc
+
+    ds = ccc(smollm2, n=6, template=None, same_length=False)
+    assert ds.is_padded
+    for kind in (ActivScalar, DynScalar):
+        iv = kind.for_dataset(smollm2, ds, sites=["attn_out", "mlp_out"], init_std=0.05, axis="end")
+        assert_alone(smollm2, iv, ds)
