@@ -22,7 +22,8 @@ from typing import Any
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["load_model", "describe", "fingerprint"], "mechsteer.models"),
     "tiny_model": "mechsteer.tiny",
-    **dict.fromkeys(["make_task", "ccc", "ioi", "ContrastiveDataset", "build_dataset"], "mechsteer.tasks"),
+    **dict.fromkeys(["make_task", "ccc", "ioi", "ContrastiveDataset", "build_dataset", "from_records", "load_records"],
+                  "mechsteer.tasks"),
     **dict.fromkeys(["hooked", "hook_name", "Location", "SITES", "sites_for"], "mechsteer.sites"),
     **dict.fromkeys(["cache_at", "grad_at"], "mechsteer.runs"),
     **dict.fromkeys(

@@ -226,3 +226,13 @@ def check_out_dir(path: str, option: str = "--out") -> Path:
         where = "" if base == target else f" (where {path!r} would be created)"
         raise OptionError(option, f"cannot write in {str(base)!r}{where}: {e.strerror or e}") from None
     return target
+
+
+def data_file(text: str) -> str:
+    """``--data``: an existing .jsonl / .json / .csv file of records (checked before any model loads)."""
+    path = Path(text)
+    if path.suffix.lower() not in (".jsonl", ".json", ".csv"):
+        raise argparse.ArgumentTypeError(f"expected a .jsonl, .json or .csv file of records, got {text!r}")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    return str(path)

@@ -65,15 +65,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task(args: argparse.Namespace) -> str:
+    """``--data FILE`` when given (a user's records), else ``--task``'s name."""
+    return args.data if getattr(args, "data", None) else args.task
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from mechsteer.tasks import make_task
 
     model = _load(args.model)
-    ds = make_task(args.task, model, n=args.n, seed=args.seed)
+    ds = make_task(_task(args), model, n=args.n, seed=args.seed)
     stats = ds.evaluate(model)
-    print(f"{args.task}: {len(ds)} prompts of {ds.n_pos} tokens; dropped {ds.dropped or 'none'}")
+    lengths = sorted(set(ds.lengths.tolist()))
+    span = f"{lengths[0]}" if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
+    print(f"{ds.name}: {len(ds)} prompts of {span} tokens; dropped {ds.dropped or 'none'}")
     print(f"model prefers the correct answer on {stats['accuracy']:.0%} of clean prompts "
           f"(mean logit diff {stats['logit_diff']:.3f}), {stats['corrupted_accuracy']:.0%} of corrupted")
     with pd.option_context("display.max_colwidth", 100, "display.width", 200):
@@ -104,11 +111,11 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
     methods = list(args.methods)  # names checked by argparse (_cli_args.attribution_methods)
     model = _load(args.model)
-    ds = make_task(args.task, model, n=args.n, seed=args.seed)
-    _log(f"{args.task}: {len(ds)} prompts of {ds.n_pos} tokens; methods {methods}")
+    ds = make_task(_task(args), model, n=args.n, seed=args.seed)
+    _log(f"{ds.name}: {len(ds)} prompts of up to {ds.n_pos} tokens; methods {methods}")
     suite = run_suite(model, ds, methods, direction=args.direction)
     out = suite.write(args.out)  # data: scores.csv, costs.csv, agreement.csv, figures.html, summary.json
-    report = Report(f"mechsteer attribution: {args.task} on {model.cfg.model_name}")
+    report = Report(f"mechsteer attribution: {ds.name} on {model.cfg.model_name}")
     report.add(attribution_section([suite]))
     _io.write_text(out / "index.html", report.to_html())  # the report: all figures, plotly.js inlined
     for m, fe in suite.forward_equivalents.items():
@@ -131,8 +138,8 @@ def cmd_steer(args: argparse.Namespace) -> int:
 
     config = _train_config(args)  # fail before loading the model
     model = _load(args.model)
-    _log(f"training {args.method} on {args.task} at {','.join(args.sites)}")
-    run = steer_task(model, args.task, args.method, args.sites, n=args.n, positions=args.positions,
+    _log(f"training {args.method} on {_task(args)} at {','.join(args.sites)}")
+    run = steer_task(model, _task(args), args.method, args.sites, n=args.n, positions=args.positions,
                      config=config, seed=args.seed)
     path = run.write(args.out)
     s = run.summary()
@@ -150,7 +157,7 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 
     model = _load(args.model)
     grid = {"storage": args.storage, "study": args.study, "sampler": args.sampler}
-    run = pareto_search(model, args.task, args.out, n=args.n, seed=args.seed, methods=args.methods, sites=args.sites,
+    run = pareto_search(model, _task(args), args.out, n=args.n, seed=args.seed, methods=args.methods, sites=args.sites,
                         lambda_f=args.lambda_f, lambda_m=args.lambda_m, margins=args.margins,
                         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, workers=args.workers,
                         model_name=args.model or resolve_embedded(None).name, n_trials=args.n_trials, **grid)
@@ -183,8 +190,16 @@ def cmd_fv(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_task_args(p: argparse.ArgumentParser, *, default: str | None = None) -> None:
+    """``--task NAME`` or ``--data FILE`` (one of them; a default task makes both optional)."""
+    g = p.add_mutually_exclusive_group(required=default is None)
+    g.add_argument("--task", choices=["ccc", "ioi"], default=default, help="a built-in task")
+    g.add_argument("--data", type=A.data_file, default=None, metavar="FILE",
+                   help="your own records: .jsonl/.json/.csv with prompt, corrupted, correct, wrong[, positions]")
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", choices=["ccc", "ioi"], default="ccc")
+    _add_task_args(p, default="ccc")
     p.add_argument("--n", type=A.positive_int, default=64, help="prompts (split 3:1 into train and test)")
     p.add_argument("--epochs", type=A.positive_int, default=25, help="Adam epochs (App. A.1: 25)")
     p.add_argument("--lr", type=A.positive_float, default=None, help="learning rate (default 1e-3 scalars, 1e-4 vectors)")
@@ -205,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     tasks = sub.add_parser("tasks", help="show a generated contrastive dataset")
-    tasks.add_argument("--task", choices=["ccc", "ioi"], required=True)
+    _add_task_args(tasks)
     tasks.add_argument("--n", type=count, default=16, help="number of items")
     tasks.add_argument("--seed", type=seed, default=0)
     tasks.add_argument("--show", type=A.nonneg_int, default=10, help="rows to print")
@@ -213,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.set_defaults(func=cmd_tasks)
 
     att = sub.add_parser("attribute", help="run attribution methods side by side")
-    att.add_argument("--task", choices=["ccc", "ioi"], required=True)
+    _add_task_args(att)
     att.add_argument("--methods", type=A.names(A.attribution_methods), default="patching,atp,dla,attnlrp",
                      help="comma-separated, of: " + ",".join(A.attribution_methods()))
     att.add_argument("--n", type=count, default=16, help="prompts")
