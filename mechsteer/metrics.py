@@ -136,7 +136,7 @@ def accuracy(logits: Logits, answer: Int[Tensor, " batch"], *, k: int = 1, pos=-
 def normalize(x: Tensor, clean: Tensor | float, corrupted: Tensor | float) -> Tensor:
     """(x - corrupted) / (clean - corrupted): 1 = the clean value, 0 = the corrupted one."""
     denom = clean - corrupted
-    if torch.as_tensor(denom).abs().max() < 1e-8:
+    if (abs(denom) if not isinstance(denom, Tensor) else denom.abs().max()) < 1e-8:
         raise ValueError(
             f"Cannot normalise: the clean and corrupted metric values are equal ({float(clean):.4g}); "
             "the task does not separate them."

@@ -13,6 +13,9 @@ need; this module runs it:
   blocks 0..l-1 (the TransformerLens 4 bridge runs and discards them otherwise).
 - ``PrefixKV``: a run's own keys and values, reused for an unchanged prefix (through
   ``mechsteer.kv_cache``, the one module that touches cache objects).
+- ``float32_logits``: a half-precision model's logits computed in float32 (its
+  unembedding with a float32 copy of W_U), so metrics see the residual stream's
+  precision, not bf16's 8 significant bits of each logit.
 - ``batch_rows``: rows per forward from a memory budget (``max_memory=``, bytes or
   ``"2GB"``; default a share of the free device memory: ``memory_budget``); ``timer``,
   ``plain_forward_seconds``: timing, for costs in forward equivalents.
@@ -34,6 +37,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechsteer import kv_cache
+from mechsteer.precision import float32_logits, logit_atol  # noqa: F401 (float32_logits: part of the run layer)
 from mechsteer.sites import hook_name, hooked
 
 SiteKey = Hashable  # a hook name, or a (site, layer) pair
@@ -306,7 +310,7 @@ def skipping_works(
     if fmt is not None:
         with skip_blocks_below(model, layer, fmt):
             skipped = model(resid, start_at_layer=layer)
-        if skipped.shape == reference.shape and torch.allclose(skipped, reference, atol=1e-5, rtol=0):
+        if skipped.shape == reference.shape and torch.allclose(skipped, reference, atol=logit_atol(model, reference, 1e-5), rtol=0):
             return fmt
     warnings.warn(f"{who}: skipping the blocks below the patched layer changed the logits "
                   "on this model; every patched run executes all blocks (same numbers, slower).", stacklevel=3)
@@ -340,7 +344,8 @@ class PrefixKV:
         prompts = torch.zeros(1, dtype=torch.long, device=resid.device)
         with skip_blocks_below(model, layer, fmt), kv_cache.bridged(model):
             out = model(resid[:1, start:], start_at_layer=layer, past_key_values=self.cache(prompts, start, layer))
-        if out.shape[1:] == logits[:1, start:].shape[1:] and torch.allclose(out, logits[:1, start:], atol=1e-4, rtol=0):
+        ref = logits[:1, start:]
+        if out.shape[1:] == ref.shape[1:] and torch.allclose(out, ref, atol=logit_atol(model, ref, 1e-4), rtol=0):
             return True
         warnings.warn(f"{self.who}: reusing the keys and values of unchanged positions changed the "
                       "logits on this model; every patched run recomputes all positions (same numbers, slower).",

@@ -21,6 +21,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechsteer.attribution._common import check_dataset, on_axis, per_prompt_on_axis, position_axis
+from mechsteer.precision import wide
 from mechsteer.metrics import check_metric_output, check_metric_values, per_prompt_metric, resolve_metric
 from mechsteer.sites import check_sites
 from mechsteer.tasks.base import ContrastiveDataset
@@ -47,9 +48,12 @@ def gap(clean: Tensor, corrupted: Tensor, what: str) -> Tensor:
     return out
 
 
-def dot(grad: Float[Tensor, "batch pos *feat"], diff: Float[Tensor, "batch pos *feat"]) -> Float[Tensor, "batch *cells"]:
-    """grad . diff over the last (feature) axis; heads move in front of positions."""
-    d = (grad * diff).sum(-1)  # (B, pos) or (B, pos, H)
+def dot(
+    grad: Float[Tensor, "batch pos *feat"], other: Float[Tensor, "batch pos *feat"], base: Float[Tensor, "batch pos *feat"]
+) -> Float[Tensor, "batch *cells"]:
+    """grad . (other - base) over the last (feature) axis, in float32 (or wider) whatever
+    the model's dtype; heads move in front of positions."""
+    d = (wide(grad) * (wide(other) - wide(base))).sum(-1)  # (B, pos) or (B, pos, H)
     return d.transpose(1, 2) if d.ndim == 3 else d  # (B, H, pos)
 
 

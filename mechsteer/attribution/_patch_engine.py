@@ -81,14 +81,16 @@ class Grid:
         return first if self.head is not None else first.reshape(1)
 
 
-def make_grid(site: str, per_position: bool, n_pos: int, n_heads: int) -> Grid:
-    """Cells for ``site``: positions, heads, or heads x positions (head-major)."""
+def make_grid(site: str, per_position: bool, n_pos: int, n_heads: int, device: torch.device | str = "cpu") -> Grid:
+    """Cells for ``site``: positions, heads, or heads x positions (head-major), as index
+    tensors on ``device`` (the model's: the sweep indexes activations with them)."""
+    arange = lambda n: torch.arange(n, device=device)  # noqa: E731
     if site == "z" and per_position:  # (head, pos) cells, pos varies fastest
-        return Grid(torch.arange(n_pos).repeat(n_heads), torch.arange(n_heads).repeat_interleave(n_pos), (n_heads, n_pos))
+        return Grid(arange(n_pos).repeat(n_heads), arange(n_heads).repeat_interleave(n_pos), (n_heads, n_pos))
     if site == "z":
-        return Grid(None, torch.arange(n_heads), (n_heads,))
+        return Grid(None, arange(n_heads), (n_heads,))
     if per_position:
-        return Grid(torch.arange(n_pos), None, (n_pos,))
+        return Grid(arange(n_pos), None, (n_pos,))
     return Grid(None, None, ())
 
 

@@ -126,7 +126,7 @@ def attribution_patching_all(
     names = {s: [(s, layer) for layer in range(model.cfg.n_layers)] for s in run.sites}
     flat = [n for s in run.sites for n in names[s]]
 
-    with runs.timer() as t:
+    with runs.timer() as t, runs.float32_logits(model):
         m_base, acts, grads = runs.grad_at(model, run.base, flat, run.values)
         with torch.no_grad():
             logits, acts_other = runs.cache_at(model, run.other, flat)
@@ -135,7 +135,7 @@ def attribution_patching_all(
         for s in run.sites:
             # first-order change of the (per-prompt or custom) metric, per prompt and cell
             # (B, L, pos), or (B, L, H, pos) for z
-            raw = torch.stack([core.dot(grads[n], acts_other[n] - acts[n]) for n in names[s]], 1)
+            raw = torch.stack([core.dot(grads[n], acts_other[n], acts[n]) for n in names[s]], 1)
             totals = s == "z" and head_totals
             scores, pp = run.normalise(raw.sum(-1) if totals else raw, m_clean, m_corr, per_prompt,
                                        None if totals else run.axis)

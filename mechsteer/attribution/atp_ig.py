@@ -29,6 +29,7 @@ from torch import Tensor
 
 from mechsteer import runs
 from mechsteer._validate import check_finite, positive_int
+from mechsteer.precision import wide
 from mechsteer.attribution import _atp_core as core
 from mechsteer.attribution._common import Metric
 from mechsteer.attribution.result import AttributionResult
@@ -63,7 +64,7 @@ def atp_ig_all(
     steps = positive_int("steps", steps)
     names = {s: [(s, layer) for layer in range(model.cfg.n_layers)] for s in run.sites}
     flat = [n for s in run.sites for n in names[s]]
-    with runs.timer() as t:
+    with runs.timer() as t, runs.float32_logits(model):
         with torch.no_grad():
             logits, acts_other = runs.cache_at(model, run.other, [*flat, hook_name("embed")])
         e_other = acts_other[hook_name("embed")]
@@ -74,11 +75,11 @@ def atp_ig_all(
             if k == 0:
                 m_base, acts_base = value, acts
             for n in flat:
-                total[n] = grads[n] if k == 0 else total[n] + grads[n]
+                total[n] = wide(grads[n]) if k == 0 else total[n] + grads[n]  # summed in float32
         m_clean, m_corr = run.clean_corr(m_base, run.values(logits), "attribution_patching (atp-ig)")
         out = {}
         for s in run.sites:
-            raw = torch.stack([core.dot(total[n] / steps, acts_other[n] - acts_base[n]) for n in names[s]], 1)
+            raw = torch.stack([core.dot(total[n] / steps, acts_other[n], acts_base[n]) for n in names[s]], 1)
             totals = s == "z" and head_totals
             scores, pp = run.normalise(raw.sum(-1) if totals else raw, m_clean, m_corr, per_prompt,
                                        None if totals else run.axis)

@@ -237,7 +237,7 @@ def atp_star_all(
     diff_keys = [(s, l) for s in run.sites for l in layers]
     store = [(s, l) for s in ("q", "k") for l in layers] if qk and qk_fix else []
 
-    with runs.timer() as t:
+    with runs.timer() as t, runs.float32_logits(model):
         m_base, acts, base_qk, grads = _drop_pass(model, run.base, grad_keys, store, run.values, drop_layers)
         with torch.no_grad():
             logits, other = runs.cache_at(model, run.other, diff_keys)
@@ -308,7 +308,7 @@ def _raw(site, g, acts, other, fixed, layers, rule, model, qk_fix) -> Tensor:
             return torch.stack([query_fix(A[l], fixed["Aq"][l], G[l], rule) for l in layers], 1)
         n_kv = other[("k", 0)].shape[2]
         return torch.stack([key_fix(A[l], fixed["d"][l], G[l], n_kv, rule) for l in layers], 1)
-    return torch.stack([core.dot(g[(site, l)], other[(site, l)] - acts[(site, l)]) for l in layers], 1)
+    return torch.stack([core.dot(g[(site, l)], other[(site, l)], acts[(site, l)]) for l in layers], 1)
 
 
 def graddrop_combine(per_drop: dict, n_layers: int) -> Tensor:

@@ -160,6 +160,7 @@ def activation_patching(
     batch_size: int | None = None,
     progress: bool = True,
     positions: str = "auto",  # position axis with per_position: "auto" | "tokens" | "named" | "end"
+    max_memory: int | float | str | None = None,  # budget per forward when batch_size is None: bytes or "2GB"
 ) -> AttributionResult:
     """Patch every location of ``site`` between the clean and corrupted prompts of ``ds``.
 
@@ -178,7 +179,8 @@ def activation_patching(
     ``per_prompt=True`` also keeps per-prompt scores normalised by each prompt's own logit
     differences (default metric only). ``batch_size`` is the number of prompts (sequences)
     per forward pass, each with one cell patched (rounded down to whole cells of
-    ``len(ds)`` prompts, at least one cell); None picks it from a memory budget. ``result.meta`` holds the direction and the clean
+    ``len(ds)`` prompts, at least one cell); None fits it to ``max_memory`` (bytes or
+    ``"2GB"``; default a share of the device's free memory, ``runs.memory_budget``). ``result.meta`` holds the direction and the clean
     and corrupted metric values.
 
     Prompts of different lengths (right-padded; ``mechsteer.tasks.positions``): every
@@ -211,7 +213,7 @@ def activation_patching(
     keep_logits = 1 if metric is None else n_pos
     if last is not None:
         keep_logits = n_pos - int(last.min())
-    with runs.timer() as t, torch.no_grad(), kv_cache.bridged(model):  # the KV cache reaches TL's attention
+    with runs.timer() as t, torch.no_grad(), kv_cache.bridged(model), runs.float32_logits(model):  # KV cache reaches TL's attention
         # (1) cache: the source run at the patched sites; the run being patched: the
         # residual entering each block, its own site values and its keys and values.
         site_names = [hook_name(s, l, model) for s in sites for l in layers]
@@ -229,10 +231,10 @@ def activation_patching(
         prefix = runs.PrefixKV.of(past, B, n_pos) if n_pos > 1 else None
         if prefix is not None and not prefix.works(model, resid[n_layers - 1], base_logits, skip_fmt):
             prefix = None
-        rows = runs.batch_rows(model, n_pos, B, keep_logits, batch_size)
+        rows = runs.batch_rows(model, n_pos, B, keep_logits, batch_size, max_memory=max_memory)
         plans = {}  # site -> (grid, source activations per layer, (start, cells) groups per layer)
         for s in sites:
-            grid = engine.make_grid(s, per_position, n_pos, model.cfg.n_heads)
+            grid = engine.make_grid(s, per_position, n_pos, model.cfg.n_heads, device=ds.tokens.device)
             src = {l: src_cache[hook_name(s, l)] for l in layers}
             groups = {}
             for l in layers:

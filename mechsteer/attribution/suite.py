@@ -34,7 +34,7 @@ from mechsteer.attribution.lrp import attnlrp
 from mechsteer.attribution.patching import activation_patching
 from mechsteer.attribution.recall import false_negatives
 from mechsteer.attribution.result import AttributionResult
-from mechsteer.runs import plain_forward_seconds
+from mechsteer.runs import parse_bytes, plain_forward_seconds
 from mechsteer.tasks.base import ContrastiveDataset
 
 METHODS = ("patching", "atp", "atp*", "atp-ig", "dla", "attnlrp")
@@ -42,10 +42,11 @@ IG_STEPS = 4  # points on the path for method "atp-ig"
 GRIDS = ("heads", "attn_out", "mlp_out")
 
 
-def _patching(model, ds, direction, progress, positions):
-    heads = activation_patching(model, ds, site="z", per_position=False, direction=direction, progress=progress)
+def _patching(model, ds, direction, progress, positions, max_memory=None):
+    heads = activation_patching(model, ds, site="z", per_position=False, direction=direction, progress=progress,
+                                max_memory=max_memory)
     sites = activation_patching(model, ds, site=["attn_out", "mlp_out"], direction=direction, progress=progress,
-                                positions=positions)
+                                positions=positions, max_memory=max_memory)
     out = {"heads": heads, "attn_out": sites.select(site="attn_out"), "mlp_out": sites.select(site="mlp_out")}
     return out, heads.seconds + sites.seconds
 
@@ -55,33 +56,33 @@ def _heads(res, ds):
     return res["z"] if ds.is_padded else res["z"].sum("pos")
 
 
-def _atp(model, ds, direction, progress, positions):
+def _atp(model, ds, direction, progress, positions, max_memory=None):
     res = attribution_patching_all(model, ds, sites=("attn_out", "mlp_out", "z"), direction=direction,
                                    positions=positions, head_totals=ds.is_padded)
     return {"heads": _heads(res, ds), "attn_out": res["attn_out"], "mlp_out": res["mlp_out"]}, res["z"].seconds
 
 
-def _atp_star(model, ds, direction, progress, positions):
+def _atp_star(model, ds, direction, progress, positions, max_memory=None):
     # head_totals: GradDrop combines whole-head estimates (a head is one node of the heads grid)
     res = atp_star_all(model, ds, sites=("attn_out", "mlp_out", "z"), direction=direction, head_totals=True,
                        positions=positions)
     return {"heads": res["z"], "attn_out": res["attn_out"], "mlp_out": res["mlp_out"]}, res["z"].seconds
 
 
-def _atp_ig(model, ds, direction, progress, positions):
+def _atp_ig(model, ds, direction, progress, positions, max_memory=None):
     res = atp_ig_all(model, ds, sites=("attn_out", "mlp_out", "z"), direction=direction, steps=IG_STEPS,
                      positions=positions, head_totals=ds.is_padded)
     return {"heads": _heads(res, ds), "attn_out": res["attn_out"], "mlp_out": res["mlp_out"]}, res["z"].seconds
 
 
-def _dla(model, ds, direction, progress, positions):
+def _dla(model, ds, direction, progress, positions, max_memory=None):
     res = direct_logit_attribution_all(model, ds, sites=("z", "attn_out", "mlp_out"), positions=positions)
     return {"heads": res["z"], "attn_out": res["attn_out"], "mlp_out": res["mlp_out"]}, res["z"].seconds
 
 
-def _attnlrp(model, ds, direction, progress, positions):
+def _attnlrp(model, ds, direction, progress, positions, max_memory=None):
     res = attnlrp(model, ds, readout=("sites", "heads"), sites=("attn_out", "mlp_out"), progress=progress,
-                  positions=positions)
+                  positions=positions, max_memory=max_memory)
     sites = res["sites"]
     out = {"heads": res["heads"], "attn_out": sites.select(site="attn_out"), "mlp_out": sites.select(site="mlp_out")}
     return out, sites.seconds
@@ -201,11 +202,14 @@ def run_suite(
     k: int = 10,
     progress: bool = True,
     positions: str = "auto",
+    max_memory: int | float | str | None = None,
 ) -> Suite:
     """Run ``methods`` on ``ds``, fill every grid, and compare the methods on each grid.
 
 ``direction`` is patching's and AtP's (default ``"noising"``); ``k`` the top-k of the
-Jaccard overlaps. Each method runs at its own default ``batch_size`` (prompts per forward).
+Jaccard overlaps. Each method runs at its own default ``batch_size`` (prompts per forward);
+patching and AttnLRP size theirs to ``max_memory`` (bytes or ``"2GB"``; default a share of the
+free memory, ``runs.memory_budget``).
 ``positions`` is the position axis of the ``attn_out`` and ``mlp_out`` grids (``"auto"`` |
 ``"tokens"`` | ``"named"`` | ``"end"``; ``mechsteer.tasks.positions``): a dataset of prompts of
 different lengths is compared on its named or end-relative positions.
@@ -226,13 +230,15 @@ different lengths is compared on its named or end-relative positions.
     if direction not in ("noising", "denoising"):
         raise ValueError(f"direction must be 'noising' or 'denoising', got {direction!r}.")
     k = positive_int("k", k)
+    if max_memory is not None:
+        parse_bytes(max_memory)  # a bad budget fails before any method runs
     check_dataset(ds, model=model)
     position_axis(ds, positions)  # a bad mode fails before any method runs
     fwd = plain_forward_seconds(model, ds.tokens)
     results: dict[str, dict[str, AttributionResult]] = {g: {} for g in GRIDS}
     seconds = {}
     for m in methods:
-        out, secs = RUNNERS[m](model, ds, direction, progress, positions)
+        out, secs = RUNNERS[m](model, ds, direction, progress, positions, max_memory)
         seconds[m] = secs
         for g in GRIDS:
             results[g][m] = out[g]  # out[g].method == m

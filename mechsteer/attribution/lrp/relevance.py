@@ -160,7 +160,7 @@ def _tokens(tokens, model) -> Tensor:
 def _ids(v, n: int, model, name: str) -> Tensor | None:
     if v is None:
         return None
-    v = torch.as_tensor(v).long().cpu()
+    v = torch.as_tensor(v, device="cpu").long() if not isinstance(v, Tensor) else v.long().cpu()
     v = v.expand(n) if v.ndim == 0 else v
     if v.shape != (n,) or ((v < 0) | (v >= model.cfg.d_vocab)).any():
         raise ValueError(f"{name} must be {n} token ids in 0..{model.cfg.d_vocab - 1}, got {v.tolist()}.")
@@ -223,7 +223,7 @@ def _one_pass(model, tokens, answer, wrong, *, names, heads, query_pos, mask, po
     extra = [(hook_name("embed"), embed)]
     extra += [(hook_name(s, l), site(i, l)) for i, s in enumerate(names) for l in range(L)]
     extra += [(hook_name("pattern", l), head(l)) for l in range(L)] if heads else []
-    with lrp_rules(model, extra=extra, **rule_kw):
+    with lrp_rules(model, extra=extra, **rule_kw), runs.float32_logits(model):
         logits = model(tokens)
         f = (logits[:, -1] if last is None else logits[rows, last]).float()  # (B, vocab)
         idx = torch.arange(B, device=f.device)
@@ -266,10 +266,11 @@ def attnlrp(
     rules: bool = True,
     uniform: str = "qk",
     per_prompt: bool = False,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     progress: bool = True,
     target: str | None = None,
     positions: str = "auto",
+    max_memory: int | float | str | None = None,
 ) -> AttributionResult | dict[str, AttributionResult]:
     """AttnLRP relevances R(a) = a * d~f/da, all readouts from one forward + one backward.
 
@@ -283,7 +284,10 @@ def attnlrp(
     of positions or one list per prompt. ``uniform`` picks where the uniform rule sits
     (same numbers). Scores are means over prompts; ``meta["target"]`` holds each f, so
     ``per_prompt`` input relevances summed over positions can be compared with it.
-    ``batch_size`` is the number of prompts (sequences) per forward + backward pass.
+    ``batch_size`` is the number of prompts (sequences) per forward + backward pass; None
+    (default) fits them to ``max_memory`` (bytes or ``"2GB"``; default a share of the free
+    memory, ``runs.memory_budget``), counting each prompt twice (``runs.row_bytes``: its
+    forward activations and the gradients of the backward pass).
 
     A dataset of prompts of different lengths (right-padded) is explained at each prompt's
     own last token: f is read there, ``query_pos=-1`` and negative ``key_pos`` count from
@@ -331,7 +335,10 @@ def attnlrp(
     ids["wrong"] = ids["wrong"] if metric == "logit_diff" else None
     if isinstance(query_pos, bool) or not isinstance(query_pos, int) or not -n_pos <= query_pos < n_pos:
         raise ValueError(f"query_pos {query_pos!r} is beyond the prompt: it has {n_pos} tokens.")
-    batch_size = positive_int("batch_size", batch_size)
+    batch_size = positive_int("batch_size", batch_size, allow_none=True)
+    if batch_size is None:  # forward + backward: about twice a forward's live bytes per prompt
+        budget = runs.memory_budget(torch.device(model.cfg.device), max_memory)
+        batch_size = max(1, budget // (2 * runs.row_bytes(model, n_pos, 1)))
     mask = _key_mask(key_pos, n, n_pos, None if last is None else last + 1)
     share = 0.5 if rules and variant == "attnlrp" else 1.0  # A's half of A.V (uniform rule)
     parts = []
