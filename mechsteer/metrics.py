@@ -100,7 +100,7 @@ def logit_diff(
     f = last_logits(logits, pos)
     idx = torch.arange(f.shape[0], device=f.device)
     B, V = f.shape
-    d = f[idx, _ids(correct, B, f.device, "correct", V)] - f[idx, _ids(wrong, B, f.device, "wrong", V)]
+    d = _wide(f[idx, _ids(correct, B, f.device, "correct", V)]) - _wide(f[idx, _ids(wrong, B, f.device, "wrong", V)])
     return check_finite("logit_diff", _reduce(d, reduce))
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import os
 from pathlib import Path
@@ -61,13 +62,19 @@ def load_model(
         name = os.fspath(name)
     if name is not None and not isinstance(name, str):
         raise TypeError(f"name must be a model name, a directory or None, got {name!r} ({type(name).__name__}).")
+    if device_map is not None and device is not None:
+        raise ValueError("Pass either device= or device_map=, not both.")
     if name in TINY_NAMES:
         from mechsteer.tiny import tiny_model
 
-        return tiny_model(name.split("-", 1)[1])
+        if device_map is not None or n_devices is not None:
+            raise ValueError(f"{name} is a tiny in-memory model for one device; pass device= instead of "
+                             "device_map= / n_devices=.")
+        model = tiny_model(name.split("-", 1)[1])
+        with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints "Moving model to ..."
+            return model.to(device or "cpu").to(dtype) if (device or dtype != torch.float32) else model
+    _check_offload(device_map)
     embedded = resolve_embedded(name)
-    if device_map is not None and device is not None:
-        raise ValueError("Pass either device= or device_map=, not both.")
     if embedded is not None:
         hf, tokenizer = load_embedded_hf(embedded, dtype=dtype)
         if device_map is not None or n_devices is not None:
@@ -88,8 +95,32 @@ def load_model(
         bridge = TransformerBridge.boot_transformers(
             name, device=device, dtype=dtype, device_map=device_map, n_devices=n_devices, **boot_kwargs
         )
-    _process(bridge)
+    try:
+        _process(bridge)
+    except RuntimeError as e:  # TransformerLens 4 cannot fold weights that a device_map offloaded
+        if "offloaded device_map" not in str(e):
+            raise
+        raise ValueError(OFFLOAD_ERROR.format(what=f"device_map={device_map!r} offloaded some modules to CPU or "
+                                              "disk (the GPUs could not hold them)")) from None
     return bridge
+
+
+OFFLOAD_ERROR = (
+    "{what}: TransformerLens 4's compatibility mode, which mechsteer needs for HookedTransformer's hook names "
+    "and weight processing, cannot process offloaded weights. Split the model over GPUs only (n_devices=N, or "
+    "device_map='auto' with max_memory= naming GPUs only), load it in bfloat16 (dtype=torch.bfloat16) to "
+    "halve its size, or use a smaller model."
+)
+
+
+def _check_offload(device_map) -> None:
+    """ValueError for a device_map that offloads part of the model to CPU or disk next to
+    other devices (TransformerLens 4 refuses to process its weights, after loading them)."""
+    if not isinstance(device_map, dict):
+        return
+    places = {str(v).lower() for v in device_map.values()}
+    if "disk" in places or ("cpu" in places and len(places) > 1):
+        raise ValueError(OFFLOAD_ERROR.format(what=f"device_map places modules on {sorted(places)}"))
 
 
 def _known_names() -> str:

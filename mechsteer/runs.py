@@ -138,6 +138,13 @@ def grad_at(
     return value.detach(), acts, grad
 
 
+def gather(tensors: Iterable[Tensor], dim: int = 0) -> Tensor:
+    """``torch.stack`` of per-layer tensors that may live on different devices (a model
+    split over several GPUs by ``device_map``): each is moved to the first one's device."""
+    tensors = list(tensors)
+    return torch.stack([t.to(tensors[0].device) for t in tensors], dim)
+
+
 # ---- timing -----------------------------------------------------------------------------
 @contextlib.contextmanager
 def timer() -> Iterator[dict[str, float]]:

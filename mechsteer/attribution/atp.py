@@ -135,7 +135,7 @@ def attribution_patching_all(
         for s in run.sites:
             # first-order change of the (per-prompt or custom) metric, per prompt and cell
             # (B, L, pos), or (B, L, H, pos) for z
-            raw = torch.stack([core.dot(grads[n], acts_other[n], acts[n]) for n in names[s]], 1)
+            raw = runs.gather([core.dot(grads[n], acts_other[n], acts[n]) for n in names[s]], 1)
             totals = s == "z" and head_totals
             scores, pp = run.normalise(raw.sum(-1) if totals else raw, m_clean, m_corr, per_prompt,
                                        None if totals else run.axis)

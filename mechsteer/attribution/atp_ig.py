@@ -79,7 +79,7 @@ def atp_ig_all(
         m_clean, m_corr = run.clean_corr(m_base, run.values(logits), "attribution_patching (atp-ig)")
         out = {}
         for s in run.sites:
-            raw = torch.stack([core.dot(total[n] / steps, acts_other[n], acts_base[n]) for n in names[s]], 1)
+            raw = runs.gather([core.dot(total[n] / steps, acts_other[n], acts_base[n]) for n in names[s]], 1)
             totals = s == "z" and head_totals
             scores, pp = run.normalise(raw.sum(-1) if totals else raw, m_clean, m_corr, per_prompt,
                                        None if totals else run.axis)

@@ -305,10 +305,10 @@ def _raw(site, g, acts, other, fixed, layers, rule, model, qk_fix) -> Tensor:
     if site in ("q", "k") and qk_fix:
         A, G = fixed["A"], {l: g[("pattern", l)].double() for l in layers}
         if site == "q":
-            return torch.stack([query_fix(A[l], fixed["Aq"][l], G[l], rule) for l in layers], 1)
+            return runs.gather([query_fix(A[l], fixed["Aq"][l], G[l], rule) for l in layers], 1)
         n_kv = other[("k", 0)].shape[2]
-        return torch.stack([key_fix(A[l], fixed["d"][l], G[l], n_kv, rule) for l in layers], 1)
-    return torch.stack([core.dot(g[(site, l)], other[(site, l)], acts[(site, l)]) for l in layers], 1)
+        return runs.gather([key_fix(A[l], fixed["d"][l], G[l], n_kv, rule) for l in layers], 1)
+    return runs.gather([core.dot(g[(site, l)], other[(site, l)], acts[(site, l)]) for l in layers], 1)
 
 
 def graddrop_combine(per_drop: dict, n_layers: int) -> Tensor:

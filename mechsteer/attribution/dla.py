@@ -157,19 +157,21 @@ def _run_dla(model, ds: ContrastiveDataset, metric: str, *, sources: bool) -> DL
             want[("v", layer)] = None  # every position
     with torch.no_grad(), runs.float32_logits(model):
         logits, cache = runs.cache_at(model, ds.tokens, want, keep=want)
-    f_last = logits[:, -1] if not isinstance(pos, Tensor) else logits[rows, pos]  # (B, vocab)
-    check_finite("DLA: the model's last-position logits", f_last)
+    f_last = logits[:, -1] if not isinstance(pos, Tensor) else logits[rows.to(logits.device), pos.to(logits.device)]
+    check_finite("DLA: the model's last-position logits", f_last)  # (B, vocab)
     dt = torch.promote_types(logits.dtype, torch.float32)  # dot products in >= float32
-    f = lambda site, layer=None: cache[(site, layer)].to(dt)  # noqa: E731
-    W_U, b_U = model.W_U.to(dt), model.b_U
-    direction = W_U[:, ds.correct].T  # (B, d_model)
+    dev = f_last.device  # the unembedding's: every term is read there (device_map splits layers)
+    f = lambda site, layer=None: cache[(site, layer)].to(device=dev, dtype=dt)  # noqa: E731
+    W_U, b_U = model.W_U.to(device=dev, dtype=dt), None if model.b_U is None else model.b_U.to(dev)
+    correct, wrong = ds.correct.to(dev), ds.wrong.to(dev)
+    direction = W_U[:, correct].T  # (B, d_model)
     if metric == "logit_diff":
-        direction = direction - W_U[:, ds.wrong].T
-        actual = logit_diff(f_last, ds.correct, ds.wrong, reduce="none")
-        ub = b_U[ds.correct] - b_U[ds.wrong] if b_U is not None else None
+        direction = direction - W_U[:, wrong].T
+        actual = logit_diff(f_last, correct, wrong, reduce="none")
+        ub = b_U[correct] - b_U[wrong] if b_U is not None else None
     else:
-        actual = f_last.gather(1, ds.correct[:, None])[:, 0]
-        ub = b_U[ds.correct] if b_U is not None else None
+        actual = f_last.gather(1, correct[:, None])[:, 0]
+        ub = b_U[correct] if b_U is not None else None
     if cfg.normalization_type in ("LN", "LNPre"):  # LayerNorm centres x: (x - mean x) . d = x . (d - mean d)
         direction = direction - direction.mean(-1, keepdim=True)
     r = direction / f("final_scale")  # (B, d_model) readout of the residual stream
@@ -178,11 +180,11 @@ def _run_dla(model, ds: ContrastiveDataset, metric: str, *, sources: bool) -> DL
         attn = model.blocks[layer].attn
         rg = r
         if post:  # frozen post-attention RMSNorm: out = w ⊙ y / s_post
-            w = model.blocks[layer].ln1_post.weight.to(dt)
+            w = model.blocks[layer].ln1_post.weight.to(device=dev, dtype=dt)
             w = 1 + w if getattr(cfg, "rmsnorm_uses_offset", False) else w
             rg = r * w / f(POST_NORM, layer)
-        readout.append(torch.einsum("hed,bd->bhe", attn.W_O.to(dt), rg))  # (B, H, e)
-        bias.append(rg @ attn.b_O.to(dt) if attn.b_O is not None else torch.zeros(len(ds), dtype=dt, device=r.device))
+        readout.append(torch.einsum("hed,bd->bhe", attn.W_O.to(device=dev, dtype=dt), rg))  # (B, H, e)
+        bias.append(rg @ attn.b_O.to(device=dev, dtype=dt) if attn.b_O is not None else torch.zeros(len(ds), dtype=dt, device=r.device))
     dot = lambda site, layer=None: (f(site, layer) * r).sum(-1)  # noqa: E731
     run = DLARun(
         z=torch.stack([f("z", layer) for layer in range(L)], 1),

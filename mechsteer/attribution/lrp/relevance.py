@@ -127,7 +127,7 @@ def lrp_rules(
             yield calls
 
 
-def _key_mask(key_pos, n: int, n_pos: int, lengths: Tensor | None = None) -> Tensor | None:
+def _key_mask(key_pos, n: int, n_pos: int, lengths: Tensor | None = None, device="cpu") -> Tensor | None:
     """``(n, n_pos)`` 0/1 mask of the keys to read; a negative position counts from each
     prompt's own end (its ``lengths``: prompts are right-padded)."""
     if key_pos is None:
@@ -136,7 +136,7 @@ def _key_mask(key_pos, n: int, n_pos: int, lengths: Tensor | None = None) -> Ten
     rows = list(key_pos) if per_prompt else [key_pos] * n
     if len(rows) != n:
         raise ValueError(f"key_pos has {len(rows)} lists of positions for {n} prompts; give one per prompt.")
-    mask = torch.zeros(n, n_pos)
+    mask = torch.zeros(n, n_pos, device=device)
     for i, row in enumerate(rows):
         for p in row:
             if isinstance(p, bool) or not isinstance(p, int) or not -n_pos <= p < n_pos:
@@ -181,7 +181,7 @@ def _one_pass(model, tokens, answer, wrong, *, names, heads, query_pos, mask, po
     dev = tokens.device
     rows = torch.arange(B, device=dev)
     if last is not None and query_pos == -1:
-        query_at = lambda x: x[rows, :, last]  # noqa: E731  (B, H, K) at each prompt's last query
+        query_at = lambda x: x[rows.to(x.device), :, last.to(x.device)]  # noqa: E731  (B, H, K) at each last query
     else:
         query_at = lambda x: x[:, :, query_pos]  # noqa: E731
     out = {
@@ -211,7 +211,7 @@ def _one_pass(model, tokens, answer, wrong, *, names, heads, query_pos, mask, po
 
             def read(g):
                 r = share * a * query_at(g).float()  # (B, H, K)
-                r = r * mask[:, None] if mask is not None else r
+                r = r * mask.to(r.device)[:, None] if mask is not None else r
                 out["heads"][:, layer] = (r.clamp(min=0) if positive else r).sum(-1)
 
             if x.is_leaf:  # CP-LRP's constant pattern: read its gradient as an input
@@ -225,9 +225,9 @@ def _one_pass(model, tokens, answer, wrong, *, names, heads, query_pos, mask, po
     extra += [(hook_name("pattern", l), head(l)) for l in range(L)] if heads else []
     with lrp_rules(model, extra=extra, **rule_kw), runs.float32_logits(model):
         logits = model(tokens)
-        f = (logits[:, -1] if last is None else logits[rows, last]).float()  # (B, vocab)
-        idx = torch.arange(B, device=f.device)
-        target = f[idx, answer] - (f[idx, wrong] if wrong is not None else 0.0)
+        f = (logits[:, -1] if last is None else logits[rows.to(logits.device), last.to(logits.device)]).float()
+        idx, answer = torch.arange(B, device=f.device), answer.to(f.device)  # f: (B, vocab), on the last device
+        target = f[idx, answer] - (f[idx, wrong.to(f.device)] if wrong is not None else 0.0)
         grads = torch.autograd.grad(target.sum(), leaves)
     r_input = (leaves[0].detach().float() * grads[0].float()).sum(-1)
     return target.detach().cpu(), r_input.cpu(), out["sites"].cpu(), out["heads"].cpu()
@@ -339,7 +339,7 @@ def attnlrp(
     if batch_size is None:  # forward + backward: about twice a forward's live bytes per prompt
         budget = runs.memory_budget(torch.device(model.cfg.device), max_memory)
         batch_size = max(1, budget // (2 * runs.row_bytes(model, n_pos, 1)))
-    mask = _key_mask(key_pos, n, n_pos, None if last is None else last + 1)
+    mask = _key_mask(key_pos, n, n_pos, None if last is None else last + 1, model.cfg.device)
     share = 0.5 if rules and variant == "attnlrp" else 1.0  # A's half of A.V (uniform rule)
     parts = []
     starts = range(0, n, batch_size)
