@@ -26,11 +26,11 @@ from _common import machine_info, parse_args, write_result
 import mechsteer
 from mechsteer.attribution import (
     activation_patching,
+    attnlrp,
     attribution_patching_all,
     direct_logit_attribution,
-    attnlrp,
+    dla,
 )
-from mechsteer.attribution import dla
 from mechsteer.attribution.atp_ig import atp_ig_all
 from mechsteer.attribution.atp_star import atp_star_all
 from mechsteer.attribution.compare import spearman

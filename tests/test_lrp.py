@@ -378,3 +378,15 @@ def test_smollm2_conservation(smollm2):
     assert 0.1 < ratio < 1.5  # approximately conservative: the softmax leaks (measured about 0.4)
     last = lrp["sites"].per_prompt[:, -1, -1].sum(-1)  # resid_post of the last layer
     torch.testing.assert_close(last, f, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_size_none_fits_max_memory_and_keeps_the_numbers(tiny_llama):
+    from mechsteer import runs
+
+    ds = ioi(tiny_llama, n=6)
+    one = attnlrp(tiny_llama, ds, readout="sites", batch_size=6, progress=False)
+    row = runs.row_bytes(tiny_llama, ds.n_pos, 1)
+    chunked = attnlrp(tiny_llama, ds, readout="sites", max_memory=4 * row, progress=False)  # 2 prompts per pass
+    torch.testing.assert_close(chunked.scores, one.scores, rtol=1e-5, atol=1e-6)
+    default = attnlrp(tiny_llama, ds, readout="sites", progress=False)  # batch_size=None: the memory budget
+    torch.testing.assert_close(default.scores, one.scores, rtol=1e-5, atol=1e-6)

@@ -250,3 +250,23 @@ def test_smollm2_heads_equal_transformer_lens(smollm2):
         tlp.layer_head_vector_patch_setter, "z", index_df=index_df,
     )
     torch.testing.assert_close(_raw(r)[layers].reshape(-1), ref.cpu(), atol=1e-4, rtol=0)
+
+
+def test_max_memory_sizes_the_patched_runs_and_keeps_the_numbers(tiny_llama):
+    ds = ioi(tiny_llama, n=4)
+    big = activation_patching(tiny_llama, ds, site="attn_out", progress=False, max_memory="64MB")
+    small = activation_patching(tiny_llama, ds, site="attn_out", progress=False, max_memory=200_000)
+    assert small.meta["rows_per_forward"] < big.meta["rows_per_forward"]
+    assert small.meta["forwards"] > big.meta["forwards"]
+    torch.testing.assert_close(small.scores, big.scores, rtol=1e-4, atol=1e-5)  # other batch sizes, float32 rounding
+    with pytest.raises(ValueError, match="max_memory"):
+        activation_patching(tiny_llama, ds, site="attn_out", progress=False, max_memory="lots")
+
+
+def test_run_suite_passes_max_memory_and_checks_it_first(tiny_llama):
+    from mechsteer.attribution import run_suite
+    ds = ioi(tiny_llama, n=4)
+    suite = run_suite(tiny_llama, ds, ["patching", "attnlrp"], progress=False, max_memory="1MB")
+    assert set(suite.results["heads"]) == {"patching", "attnlrp"}
+    with pytest.raises(ValueError, match="max_memory"):
+        run_suite(tiny_llama, ds, ["dla"], progress=False, max_memory=-1)

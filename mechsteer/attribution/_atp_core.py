@@ -21,8 +21,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechsteer.attribution._common import check_dataset, on_axis, per_prompt_on_axis, position_axis
-from mechsteer.precision import wide
 from mechsteer.metrics import check_metric_output, check_metric_values, per_prompt_metric, resolve_metric
+from mechsteer.precision import wide
 from mechsteer.sites import check_sites
 from mechsteer.tasks.base import ContrastiveDataset
 
