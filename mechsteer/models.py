@@ -54,6 +54,14 @@ def load_model(
     this module's docstring (ValueError / FileNotFoundError at once if it cannot load). ``device``,
     ``dtype``, ``device_map`` and ``n_devices`` pass through to TransformerLens.
 
+    ``dtype=torch.bfloat16`` (or float16 on GPUs: fp16 runs on CPU but 3-10x slower, no
+    native kernels) halves the model; every method then accumulates metrics, products
+    and sums in float32 (``mechsteer.precision``). A model larger than one GPU: split its
+    layers over several with ``n_devices=N`` or ``device_map="auto"`` (accelerate); the
+    methods move what they combine across layers to one device. A ``device_map`` that
+    offloads to CPU or disk is refused (ValueError naming the fix): TransformerLens 4's
+    compatibility mode cannot process offloaded weights.
+
     >>> model = load_model()  # doctest: +SKIP
     >>> model.cfg.n_layers, model.cfg.n_heads  # doctest: +SKIP
     (30, 9)
