@@ -184,8 +184,8 @@ def sweep(
                     logits = logits[torch.arange(len(rows), device=logits.device), col.to(logits.device)][:, None]
                 value = evaluate(logits).to(values.dtype)  # (k, B)
                 if last is not None and not bool(live.all()):
-                    value = torch.where(live.view_as(value), value, unpatched.to(value.dtype).expand_as(value))
-                values[cells_run[r0 // B : r0 // B + len(rows) // B]] = value
+                    value = torch.where(live.to(value.device).view_as(value), value, unpatched.to(value).expand_as(value))
+                values[cells_run[r0 // B : r0 // B + len(rows) // B].to(values.device)] = value.to(values.device)
                 bar.update(1)
         out.append(values)
     return torch.stack(out)
