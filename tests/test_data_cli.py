@@ -56,3 +56,15 @@ def test_cli_tasks_and_attribute_take_data(data_file, tmp_path, capsys):
 def test_cli_data_errors(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_steer_and_pareto_take_data(data_file, tmp_path):
+    """Mixed-length records train and test (named / end-relative slots), also in a sweep."""
+    out = tmp_path / "steer"
+    assert main(["steer", "--data", str(data_file), "--model", "tiny-llama", "--epochs", "1", "--out", str(out)]) == 0
+    assert (out / "summary.json").is_file()
+    par = tmp_path / "pareto"
+    assert main(["pareto", "--data", str(data_file), "--model", "tiny-llama", "--methods", "activ_scalar",
+                 "--lambda-f", "0", "--lambda-m", "0", "--margins", "1", "--epochs", "1", "--out", str(par)]) == 0
+    rows = (par / "trials.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("activ_scalar,")

@@ -202,9 +202,11 @@ def open_sweep(
         raise ValueError(f"init_std must be a finite number >= 0, got {init_std}.")
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}.")
-    if train_ds.n_pos != test_ds.n_pos:
-        raise ValueError(f"train and test prompts differ in length ({train_ds.n_pos} vs {test_ds.n_pos}) "
-                         "tokens; position-bound interventions need one length: build both from one dataset.")
+    if not train_ds.is_padded and (test_ds.is_padded or train_ds.n_pos != test_ds.n_pos):
+        raise ValueError(f"train prompts all have {train_ds.n_pos} tokens but test prompts do not (up to "
+                         f"{test_ds.n_pos}): interventions trained on token columns cannot be tested on other "
+                         "lengths. Split one mixed-length dataset (its interventions use named or end-relative "
+                         "slots), or build both splits with one length.")
     base_cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, progress=False)  # validates
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -263,9 +265,9 @@ def _run_one(model, train_ds, test_ds, spec: dict, key: str, base_cfg: TrainConf
     """Train one configuration and evaluate it on both splits (one JSON-ready row)."""
     start = time.perf_counter()
     cls = kind_class(spec["method"])
-    iv = cls.for_model(
-        model, sites=spec["sites"], layers=spec["layers"], positions=spec["positions"],
-        n_pos=train_ds.n_pos, init_std=spec["init_std"], seed=spec["seed"],
+    iv = cls.for_dataset(  # token columns for equal lengths; named / end-relative slots for mixed
+        model, train_ds, sites=spec["sites"], layers=spec["layers"], positions=spec["positions"],
+        init_std=spec["init_std"], seed=spec["seed"],
     )
     cfg = TrainConfig(
         epochs=base_cfg.epochs, lr=base_cfg.lr, batch_size=base_cfg.batch_size, margin=spec["margin"],

@@ -133,16 +133,16 @@ def token_index(iv, ds) -> Int[Tensor, "batch n_sel"] | None:
         mode = slot_mode(iv.slots)
         if mode == "end":
             return end_index(iv.slots, lengths)
-        axis = ds.position_axis("named")
-        col = {label: j for j, label in enumerate(axis.labels)}
-        missing = [s for s in iv.slots if s not in col]
-        if len(missing) == len(iv.slots):
-            raise ValueError(f"None of this {type(iv).__name__}'s slots {list(iv.slots)} is a position of dataset "
-                             f"{ds.name!r} (it names {axis.labels}).")
+        named = ds.positions or [{} for _ in range(len(lengths))]
         out = torch.full((len(lengths), len(iv.slots)), -1, dtype=torch.long)
-        for i, s in enumerate(iv.slots):
-            if s in col:
-                out[:, i] = axis.index[:, col[s]]
+        for i, s in enumerate(iv.slots):  # a slot a prompt does not name stays -1 (no edit there)
+            if s == "end":
+                out[:, i] = lengths - 1
+            else:
+                out[:, i] = torch.tensor([int(p.get(s, -1)) for p in named], dtype=torch.long)
+        if bool((out < 0).all()):
+            raise ValueError(f"None of this {type(iv).__name__}'s slots {list(iv.slots)} is a position of dataset "
+                             f"{ds.name!r} (it names {sorted({k for p in named for k in p}) + ['end']}).")
         return out
     if not ds.is_padded:
         return None
