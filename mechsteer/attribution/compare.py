@@ -43,7 +43,7 @@ def _rank(x: Tensor) -> Tensor:
     """Ranks 0..n-1 with ties given their average rank."""
     order = x.argsort()
     ranks = torch.empty_like(x)
-    ranks[order] = torch.arange(len(x), dtype=x.dtype)
+    ranks[order] = torch.arange(len(x), dtype=x.dtype, device=x.device)
     for v in x.unique():  # average tied ranks (small grids: a loop is fine)
         tied = x == v
         if tied.sum() > 1:

@@ -26,7 +26,7 @@ def ranks_by_magnitude(scores: torch.Tensor) -> torch.Tensor:
     """
     order = scores.abs().argsort(descending=True, stable=True)
     ranks = torch.empty_like(order)
-    ranks[order] = torch.arange(1, len(order) + 1)
+    ranks[order] = torch.arange(1, len(order) + 1, device=order.device)
     return ranks
 
 

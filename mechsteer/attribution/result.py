@@ -115,7 +115,7 @@ class AttributionResult:
         if values is None:
             raise ValueError("This result kept no per-prompt scores; rerun the method with per_prompt=True.")
         axes = (("prompt",) if per_prompt else ()) + self.axes
-        grids = torch.meshgrid(*[torch.arange(n) for n in values.shape], indexing="ij")
+        grids = torch.meshgrid(*[torch.arange(n, device=values.device) for n in values.shape], indexing="ij")
         data = {}
         for axis, g in zip(axes, grids):
             idx = g.reshape(-1)
