@@ -59,10 +59,12 @@ def float32_logits(model) -> Iterator[None]:
 
 
 def logit_atol(model, ref: Tensor, atol: float) -> float:
-    """``atol`` for a float32 model; on a bf16/fp16 one, 4 units in the last place of the
-    largest |logit| (another summation order of the same run differs by a few)."""
+    """``atol`` for a float32 model; on a bf16/fp16 one, one unit in the last place of the
+    largest |logit| at the model's dtype (another summation order of the same run moves
+    a logit by less: SmolLM2 in bf16 resumed from its KV cache matches exactly, while
+    a resume that loses the cached prefix misses by 3.6 against this 0.19)."""
     dtype = model_dtype(model)
-    return atol if dtype not in HALF else 4 * torch.finfo(dtype).eps * max(1.0, ref.abs().max().item())
+    return atol if dtype not in HALF else torch.finfo(dtype).eps * max(1.0, ref.abs().max().item())
 
 
 def model_dtype(model) -> torch.dtype:
