@@ -51,8 +51,10 @@ from mechsteer._validate import naming
 from mechsteer.fv.means import check_layers, check_mean_z, check_prompts
 from mechsteer.metrics import answer_prob
 from mechsteer.runs import (
-    CPU_BUDGET_BYTES,
     PrefixKV,
+    float32_logits,
+    logit_atol,
+    memory_budget,
     cache_at,
     skip_blocks_below,
     skipping_works,
@@ -62,7 +64,6 @@ from mechsteer.sites import hook_name, hooked
 from mechsteer.tasks.fv import FVPrompts
 
 MODES = ("naive", "fast")
-CUDA_BUDGET_FRACTION = 0.25  # of the free GPU memory, per patched forward
 
 
 def _patch_hook(rows: Tensor, heads: Tensor, values: Tensor):
@@ -115,7 +116,7 @@ class _Reuse:
         one = torch.zeros(1, dtype=torch.long, device=tokens.device)
         for start in dict.fromkeys((layers[0], last)):  # resume prompt 0, nothing patched
             got = _resume(model, resid[start][one], start, tokens.shape[1], prefix, one, self.skip, [])
-            if not torch.allclose(got[:, -1], logits[:1, -1], atol=1e-4, rtol=0):
+            if not torch.allclose(got[:, -1], logits[:1, -1], atol=logit_atol(model, logits[:1, -1], 1e-4), rtol=0):
                 warnings.warn("aie(mode='fast'): resuming the last token from the cached keys and values "
                               "changed the logits on this model; patched rows run their whole prompt "
                               "(same numbers, slower).", stacklevel=4)
@@ -133,9 +134,10 @@ def _resume(model, resid, start: int, n_pos: int, prefix, prompts, skip, hooks) 
         return model(resid, start_at_layer=start, **kwargs)
 
 
-def _fast_rows(model, n_pos: int, rows: int | None) -> int:
-    """Patched one-token rows per forward: ``rows``, or a memory estimate (per row: the
-    copied keys and values of every layer, the logits, one token's activations)."""
+def _fast_rows(model, n_pos: int, rows: int | None, max_memory=None) -> int:
+    """Patched one-token rows per forward: ``rows``, or rows of the memory budget
+    (``runs.memory_budget``; per row: the copied keys and values of every layer and one
+    token's activations at the model's dtype, the logits in float32)."""
     if rows is not None:
         if rows < 1:
             raise ValueError(f"rows must be a positive number of patched rows per forward, got {rows}.")
@@ -143,14 +145,10 @@ def _fast_rows(model, n_pos: int, rows: int | None) -> int:
     cfg = model.cfg
     n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
     d_mlp = getattr(cfg, "d_mlp", None) or 4 * cfg.d_model
-    per_row = 4 * (4 * cfg.n_layers * n_pos * n_kv * cfg.d_head + 2 * cfg.n_heads * n_pos * cfg.d_head
-                   + 3 * cfg.d_vocab + 8 * cfg.d_model + 3 * d_mlp)
-    device = torch.device(cfg.device)
-    if device.type == "cuda":
-        budget = int(torch.cuda.mem_get_info(device)[0] * CUDA_BUDGET_FRACTION)
-    else:
-        budget = CPU_BUDGET_BYTES
-    return max(1, budget // per_row)
+    itemsize = next(model.parameters()).element_size()
+    per_row = (itemsize * (4 * cfg.n_layers * n_pos * n_kv * cfg.d_head + 2 * cfg.n_heads * n_pos * cfg.d_head
+                           + 8 * cfg.d_model + 3 * d_mlp) + 4 * 3 * cfg.d_vocab)
+    return max(1, memory_budget(cfg.device, max_memory) // per_row)
 
 
 def _fast_group(model, tokens, answers, mean_z, layers, n_rows, reuse: _Reuse, bar) -> tuple[Tensor, Tensor]:
@@ -200,6 +198,7 @@ def aie(
     rows: int | None = None,
     per_prompt: bool = False,
     progress: bool = True,
+    max_memory: int | str | None = None,  # bytes (or "2GB") per chunk of patched rows; None: runs.memory_budget
 ) -> AttributionResult:
     """AIE(l, h) = mean over corrupted prompts p~ of
     P(y | p~, z_{l,h}[-1] := mean_z[l, h]) - P(y | p~)  (Todd et al.; paper 000 Sec. 3.1).
@@ -235,7 +234,7 @@ def aie(
     H, dev = model.cfg.n_heads, model.cfg.device
     mean_z = mean_z.to(dev)
     groups = list(corrupted.batches(batch_size))
-    n_rows = {t.shape[1]: _fast_rows(model, t.shape[1], rows) for _, t in groups}
+    n_rows = {t.shape[1]: _fast_rows(model, t.shape[1], rows, max_memory) for _, t in groups}
     if mode == "naive":
         n_fwd = len(groups) * len(layers) * H
     else:
@@ -244,7 +243,8 @@ def aie(
     cie = torch.zeros(N, len(layers), H)
     p_corr = torch.zeros(N)
     reuse = _Reuse()
-    with timer() as t, naming("aie"), torch.no_grad(), tqdm(total=n_fwd, desc=f"aie ({mode})", disable=not progress) as bar:
+    with (timer() as t, naming("aie"), torch.no_grad(), float32_logits(model),  # bf16/fp16: P(y) from float32 logits
+          tqdm(total=n_fwd, desc=f"aie ({mode})", disable=not progress) as bar):
         for idx, tokens in groups:
             tokens, answers = tokens.to(dev), corrupted.answers[idx].to(dev)
             if mode == "naive":

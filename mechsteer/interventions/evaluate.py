@@ -41,6 +41,7 @@ from mechsteer.interventions.objective import (
 )
 from mechsteer.interventions.train import batch_view, check_inputs, dataset_tensors
 from mechsteer.interventions.vectors import SteerVec
+from mechsteer.runs import float32_logits
 
 NEGLIGIBLE = 0.01  # Sec. 3.4: parameters with |value| <= 0.01 count as zero
 
@@ -106,7 +107,7 @@ def evaluate(model, intervention: Intervention, ds, batch_size: int = 32) -> dic
     device = next(model.parameters()).device
     intervention.to(device)
     tokens, correct, wrong, pos, where = dataset_tensors(model, intervention, ds)
-    with naming("evaluate"):
+    with naming("evaluate"), float32_logits(model):  # bf16/fp16: logits, E_0 and KL in float32
         e0, f = mean_e0_f(model, intervention, tokens, correct, wrong, batch_size=batch_size, pos=pos, where=where)
     check_finite("evaluate: effectiveness E_0 and faithfulness F", torch.tensor([e0, f]))
     out: dict[str, float | int] = {

@@ -52,6 +52,7 @@ from mechsteer.interventions.objective import (
     plus_minus_logits,
 )
 from mechsteer.interventions.vectors import SteerVec
+from mechsteer.runs import float32_logits
 from mechsteer.tasks.base import ContrastiveDataset
 
 HISTORY_COLUMNS = ["epoch", "step", "psi", "effectiveness", "faithfulness", "minimality"]
@@ -148,8 +149,15 @@ def train(model, intervention: Intervention, ds, config: TrainConfig = TrainConf
     """Fit theta with Adam to maximise Psi = E_m + lambda_F F + lambda_M M_1 (Eq. 9).
 
     Returns the history, one row per step: epoch, step, psi, effectiveness (E_m),
-    faithfulness (F), minimality (M_1), each on that step's mini-batch.
+    faithfulness (F), minimality (M_1), each on that step's mini-batch. On a bf16/fp16
+    model the logits (and so the hinge and the KL) are computed in float32
+    (``runs.float32_logits``); theta and Adam's state are float32 throughout.
     """
+    with float32_logits(model):
+        return _train(model, intervention, ds, config)
+
+
+def _train(model, intervention: Intervention, ds, config: TrainConfig) -> pd.DataFrame:
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig (build one by keyword), got {type(config).__name__}.")
     check_inputs(model, intervention, ds)
