@@ -13,7 +13,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 
-AXIS_TITLES = {"pos": "position: token", "layer": "layer", "head": "head", "site": "site"}
+AXIS_TITLES = {"pos": "position", "layer": "layer", "head": "head", "site": "site"}
 
 
 def axis_title(axis: str) -> str:
