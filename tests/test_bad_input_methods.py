@@ -130,7 +130,7 @@ def test_dla_sum_check_fails_on_nan_terms():
                  metric=torch.zeros(B), post_norm=False)
     run.mlp[0, 1] = NAN
     with pytest.raises(ValueError, match="do not add up"):
-        _check_sum(run, torch.zeros(B, L, H), low_precision=False)
+        _check_sum(run, torch.zeros(B, L, H), torch.float32)
 
 
 def test_nan_model_attnlrp_raises(nan_model):
