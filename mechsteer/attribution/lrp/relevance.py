@@ -14,6 +14,12 @@ rules of ``rules.py`` have been placed on the bridge's hook points (``rule_hooks
   also the uniform rule on act(gate) * up (``mlp.hook_pre_linear``);
 - CP-LRP (``variant="cp"``): the attention pattern is a constant and V keeps its full
   gradient; norms and MLP as above. Without biases it is exactly conservative.
+- lxt's CP-LRP (``variant="cp-lxt"``): as "cp", and on gated MLPs the gate act(x W_gate)
+  is a constant too, so R(x W_in) = R(act(gate) * up) (all relevance through the up
+  projection) where "cp" gives each factor half (R_gate = R_up = R/2, Eq. 7's uniform
+  rule). Also exactly conservative without biases; the two split relevance differently
+  over the MLP's input, so input and head relevances differ (benchmarks/bench_lrp.py).
+  Non-gated MLPs (GPT-2): identical to "cp".
 
 Readouts of one call, all from the same pass: ``"input"`` (token-embedding relevance,
 ``hook_embed``, summed over d_model: axes ``("pos",)``; for learned positional
@@ -56,15 +62,17 @@ MLP = {"pre": "mlp_pre", "pre_linear": "mlp_pre_linear", "post": "mlp_post"}
 # Gradient factors of the uniform rule (Q.K^T and A.V, half to each factor) per placement:
 # the path into q and k crosses both products, so "qk" folds both halvings onto them.
 UNIFORM = {"qk": {"q": 0.25, "k": 0.25, "v": 0.5}, "pattern": {"q": 0.5, "k": 0.5, "pattern": 0.5, "v": 0.5}}
-VARIANTS = ("attnlrp", "cp")
+VARIANTS = ("attnlrp", "cp", "cp-lxt")
+METHOD_NAMES = {"attnlrp": "attnlrp", "cp": "cp-lrp", "cp-lxt": "cp-lrp-lxt"}  # result.method
 READOUTS = ("input", "sites", "heads")
 READOUT_SITES = sites_for("readout")
 DEFAULT_SITES = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 METRICS = ("logit_diff", "logit")  # what AttnLRP explains: a logit or a difference of two
 
 
-def _mlp_hooks(layer: int, gated: bool, ratio) -> list[tuple[str, HookFn]]:
-    """Identity rule on act(pre) (+ uniform rule on act(gate) * up), applied at hook_post."""
+def _mlp_hooks(layer: int, gated: bool, ratio, frozen_gate: bool = False) -> list[tuple[str, HookFn]]:
+    """Identity rule on act(pre) (+ uniform rule on act(gate) * up, or with ``frozen_gate``
+    lxt's constant gate), applied at hook_post."""
     seen: dict[str, Tensor] = {}
 
     def keep(key: str) -> HookFn:
@@ -75,6 +83,8 @@ def _mlp_hooks(layer: int, gated: bool, ratio) -> list[tuple[str, HookFn]]:
         return fn
 
     def post(x, hook):
+        if gated and frozen_gate:
+            return R.frozen_gate_rule(seen.pop("pre"), seen.pop("pre_linear"), x, ratio)
         if gated:
             return R.gated_rule(seen.pop("pre"), seen.pop("pre_linear"), x, ratio)
         return R.identity_rule(seen.pop("pre"), x, ratio)
@@ -84,7 +94,7 @@ def _mlp_hooks(layer: int, gated: bool, ratio) -> list[tuple[str, HookFn]]:
 
 
 def rule_hooks(model, *, variant: str = "attnlrp", uniform: str = "qk") -> list[tuple[str, HookFn]]:
-    """The forward hooks that place the rules (``variant`` "attnlrp" or "cp") on ``model``."""
+    """The forward hooks that place the rules (``variant``: one of ``VARIANTS``) on ``model``."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
     if uniform not in UNIFORM:
@@ -96,12 +106,12 @@ def rule_hooks(model, *, variant: str = "attnlrp", uniform: str = "qk") -> list[
     hooks: list[tuple[str, HookFn]] = []
     for layer in range(model.cfg.n_layers):
         hooks += [(hook_name(site, layer), freeze) for site in NORM_SCALES]
-        if variant == "cp":
+        if variant in ("cp", "cp-lxt"):
             hooks.append((hook_name("pattern", layer), lambda x, hook: R.constant(x)))
         else:
             for site, s in UNIFORM[uniform].items():
                 hooks.append((hook_name(site, layer), lambda x, hook, s=s: R.scale_grad(x, s)))
-        hooks += _mlp_hooks(layer, bool(model.cfg.gated_mlp), ratio)
+        hooks += _mlp_hooks(layer, bool(model.cfg.gated_mlp), ratio, frozen_gate=variant == "cp-lxt")
     return hooks + [(hook_name("final_scale"), freeze)]
 
 
@@ -278,7 +288,8 @@ def attnlrp(
     the default for a dataset) or the logit f_a of ``answer`` (``"logit"``, the default
     for raw tokens); other metrics (callables, probabilities) are refused: relevance
     explains one logit or a difference of two. ``target=`` is the old name of ``metric=``
-    (deprecated). ``readout``: one of ``READOUTS`` (returns that result) or several
+    (deprecated). ``variant``: "attnlrp" (default), "cp" or "cp-lxt" (CP-LRP with lxt's
+    constant gate on gated MLPs; module docstring). ``readout``: one of ``READOUTS`` (returns that result) or several
     (returns a dict). ``"heads"`` is sum over k in ``key_pos`` (default all) of
     R(A[query_pos, k]), its positive part first if ``positive``; ``key_pos`` is one list
     of positions or one list per prompt. ``uniform`` picks where the uniform rule sits
@@ -356,7 +367,7 @@ def attnlrp(
             ))
     f, r_input, r_sites, r_heads = (torch.cat(p) for p in zip(*parts))
     check_finite(f"attnlrp: the explained {metric} f", f)
-    method = ("attnlrp" if variant == "attnlrp" else "cp-lrp") if rules else "grad_x_input"
+    method = METHOD_NAMES[variant] if rules else "grad_x_input"
     meta = {"target": f, "variant": variant, "rules": rules, "query_pos": query_pos, "positive": positive}
     common = dict(method=method, metric=metric, seconds=t["seconds"], meta=meta)
     made = {

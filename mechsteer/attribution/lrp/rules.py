@@ -16,7 +16,9 @@ function: its forward value is exactly the original tensor, only the gradient ch
   or the gated MLP's ``act(gate) * up``): half of ``R_y`` to each factor, which in
   gradient x input form is ``scale_grad(., 1/2)`` on each factor (``uniform_rule``).
 - **CP-LRP** (Ali et al., 2022): the attention weights are constants (``freeze_grad``), so
-  A.V is linear in V and all relevance flows through the values.
+  A.V is linear in V and all relevance flows through the values. lxt's CP-LRP also makes
+  the gated MLP's gate act(gate) a constant (``frozen_gate_rule``): all of the
+  product's relevance flows through the up projection.
 
 The softmax and linear layers keep their plain gradient (AttnLRP's softmax rule is
 gradient x input; its bias term is what makes AttnLRP only approximately conservative).
@@ -124,6 +126,16 @@ def gated_rule(gate: T, up: T, out: T, ratio) -> T:
     """
     activated = identity_rule(gate, gate * ratio(gate), ratio)  # value act(gate), d/dgate = ratio
     return uniform_rule(activated, up, out)
+
+
+def frozen_gate_rule(gate: T, up: T, out: T, ratio) -> T:
+    """Gated MLP ``out = act(gate) * up`` as lxt's CP-LRP: the gate is a constant.
+
+    Value ``out``; gradient ``act(gate) * dout`` into up and none into gate, so
+    ``R_up = R_out`` and ``R_gate = 0`` (lxt's ``cp_gated_mlp_forward`` detaches
+    ``gate_proj(x)``). ``act(gate) = gate * ratio(gate)``, one of ``ACT_RATIOS``.
+    """
+    return grad_from(out, (gate * ratio(gate)).detach() * up)
 
 
 def silu_identity(x: T) -> T:
