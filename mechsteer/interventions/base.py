@@ -7,8 +7,9 @@ learnable parameters theta and a run-time strength beta. beta = 0 is exactly the
 
 ``Intervention`` holds the location spec and the hooks; a subclass only says how one
 site's selected activations change (``edit``). Sites are ``attn_out``, ``mlp_out``,
-``resid_post`` (a d_model vector per position) and per-head ``z`` (n_heads x d_head per
-position, so a location there is (layer, pos, head)). Positions are ``"all"``, ``"last"``
+``resid_post`` (a d_model vector per position), per-head ``z`` (n_heads x d_head per
+position, so a location there is (layer, pos, head)) and per-KV-head ``v`` (the value
+vectors, n_kv_heads x d_head per position: 3 KV heads for SmolLM2's 9 query heads; Fig. 7). Positions are ``"all"``, ``"last"``
 or a list of ints; on prompts of mixed lengths, slots of a position axis bound per prompt
 (``mechsteer.interventions.positions``: ``for_dataset``, ``token_index``, ``bind``).
 
@@ -126,7 +127,8 @@ class Intervention(torch.nn.Module):
         n_layers: int,  # layers of the model
         d_model: int,
         n_heads: int | None = None,  # needed for site "z"
-        d_head: int | None = None,  # needed for site "z"
+        d_head: int | None = None,  # needed for sites "z" and "v"
+        n_kv_heads: int | None = None,  # site "v" (GQA); None: n_heads
         n_pos: int | None = None,  # prompt length (position-bound interventions)
         slots: Sequence[str] | None = None,  # position-axis labels, one parameter each (positions.py)
         init_std: float = DEFAULT_INIT_STD,  # std of the Gaussian init (App. A.1)
@@ -137,6 +139,7 @@ class Intervention(torch.nn.Module):
         n_heads = positive_int("n_heads", n_heads, allow_none=True)
         d_head = positive_int("d_head", d_head, allow_none=True)
         n_pos = positive_int("n_pos", n_pos, allow_none=True)
+        n_kv_heads = positive_int("n_kv_heads", n_kv_heads, allow_none=True) or n_heads
         init_std = finite_float("init_std", init_std)
         if init_std < 0:
             raise ValueError(f"init_std must be >= 0 (the std of the Gaussian init), got {init_std}.")
@@ -151,9 +154,11 @@ class Intervention(torch.nn.Module):
             or len(set(self.layers)) != len(self.layers)
         ):
             raise ValueError(f"layers {layers!r} must be distinct ints in 0..{n_layers - 1}.")
-        if "z" in self.sites and (n_heads is None or d_head is None):
-            raise ValueError("Site 'z' needs n_heads and d_head; pass them or use for_model(model, ...).")
+        for s, need in (("z", n_heads), ("v", n_kv_heads)):
+            if s in self.sites and (need is None or d_head is None):
+                raise ValueError(f"Site {s!r} needs n_heads (n_kv_heads) and d_head; pass them or use for_model(model, ...).")
         self.n_layers, self.d_model, self.n_heads, self.d_head = n_layers, d_model, n_heads, d_head
+        self.n_kv_heads = n_kv_heads
         self.n_pos, self.init_std, self.seed = n_pos, init_std, seed
         self.slots = positions_.check_slots(slots)
         if self.slots is not None:
@@ -175,7 +180,7 @@ class Intervention(torch.nn.Module):
         """Build for ``model``'s shapes (n_layers, d_model, n_heads, d_head from ``model.cfg``)."""
         cfg = model.cfg
         return cls(sites, layers, positions, n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads,
-                   d_head=cfg.d_head, n_pos=n_pos, **kwargs)
+                   d_head=cfg.d_head, n_kv_heads=getattr(cfg, "n_key_value_heads", None), n_pos=n_pos, **kwargs)
 
     @classmethod
     def for_dataset(cls, model, ds, sites=("attn_out", "mlp_out"), layers=None, positions="all", *,
@@ -220,8 +225,9 @@ class Intervention(torch.nn.Module):
         return 1 if self.positions == "last" else len(self.positions)
 
     def site_tail(self, site: str) -> tuple[int, ...]:
-        """Shape of one position's activation at ``site``: (d_model,) or (n_heads, d_head)."""
-        return (self.n_heads, self.d_head) if site == "z" else (self.d_model,)
+        """Shape of one position's activation at ``site``: (d_model,), (n_heads, d_head) for z
+        or (n_kv_heads, d_head) for v."""
+        return {"z": (self.n_heads, self.d_head), "v": (self.n_kv_heads, self.d_head)}.get(site, (self.d_model,))
 
     def param_shape(self, site: str) -> tuple[int, ...]:
         """Shape of ``site``'s parameter tensor (set by the subclass)."""
@@ -307,7 +313,12 @@ class Intervention(torch.nn.Module):
         want = {"n_layers": self.n_layers, "d_model": self.d_model}
         if "z" in self.sites:
             want.update(n_heads=self.n_heads, d_head=self.d_head)
-        bad = {k: (v, getattr(cfg, k)) for k, v in want.items() if getattr(cfg, k) != v}
+        if "v" in self.sites:
+            want.update(n_key_value_heads=self.n_kv_heads, d_head=self.d_head)
+        have = {k: getattr(cfg, k, None) for k in want}
+        if "n_key_value_heads" in want:  # MHA configs leave it None: one KV head per query head
+            have["n_key_value_heads"] = have["n_key_value_heads"] or cfg.n_heads
+        bad = {k: (v, have[k]) for k, v in want.items() if have[k] != v}
         if bad:
             raise ValueError(f"Model shapes differ from this intervention's (built, model): {bad}.")
 

@@ -101,7 +101,7 @@ def alpha_heatmap(
     panels = []
     for site in intervention.sites:
         a = intervention.alpha(site).detach().float().cpu()  # (L, P) or (L, P, H)
-        if site != "z":
+        if site not in ("z", "v"):  # per head (z) or per KV head (v): layer x head panels
             panels.append(Panel(a.numpy(), x, y, title=site))
             continue
         if z_positions == "last":
@@ -114,7 +114,8 @@ def alpha_heatmap(
                 raise ValueError(f"z_positions {list(z_positions)} must be among the intervened positions {pos}.")
             picks = [pos.index(p) for p in want]
         heads = [str(h) for h in range(a.shape[-1])]
-        panels += [Panel(a[:, j].numpy(), heads, y, title=f"z @ {x[j]}", x_title="head") for j in picks]
+        x_title = "KV head" if site == "v" else "head"
+        panels += [Panel(a[:, j].numpy(), heads, y, title=f"{site} @ {x[j]}", x_title=x_title) for j in picks]
     fig = heatmap_grid(
         [panels], title=title or "ActivScalar alphas (h~ = h (1 + beta alpha))", zmax=zmax, colorbar_titles=["alpha"]
     )

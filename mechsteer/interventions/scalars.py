@@ -6,7 +6,9 @@ point and multiplies the activation vector there:
     h~_{l,i}^(s) = h_{l,i}^(s) (1 + beta alpha_{l,i}^(s)).
 
 The direction of h is kept; only its signed magnitude changes (alpha beta < -1 reverses it).
-With per-head ``z`` a location is (layer, pos, head): one scalar per head. The parameters
+With per-head ``z`` a location is (layer, pos, head): one scalar per head; with ``v`` one
+per KV head (Fig. 7's v-scaling: alpha = -1 zeroes that KV head's values, which every
+query head of its group reads). The parameters
 are tied to token positions, so an ActivScalar only runs on prompts of the length it was
 built for (``n_pos``).
 
@@ -47,7 +49,7 @@ class ActivScalar(Intervention):
 
     def param_shape(self, site: str) -> tuple[int, ...]:
         # (layer, pos) or (layer, pos, head)
-        return (len(self.layers), self.n_sel_pos) + ((self.n_heads,) if site == "z" else ())
+        return (len(self.layers), self.n_sel_pos) + self.site_tail(site)[:-1]  # z: heads, v: KV heads
 
     def alpha(self, site: str) -> Float[Tensor, "layer pos *head"]:
         """The scalars alpha of ``site``: (layer, pos) or (layer, pos, head)."""
