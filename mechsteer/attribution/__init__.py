@@ -8,6 +8,8 @@ Four methods, each explaining a ``metric`` of the logits (a name of
 - ``activation_patching``: patch each location between clean and corrupted runs;
 - ``attribution_patching`` / ``attribution_patching_all`` (AtP): its first-order estimate;
 - ``direct_logit_attribution`` / ``direct_logit_attribution_all`` (DLA): direct terms;
+  ``dla_per_position``: DLA at every (layer, position) (paper 003 Fig. 9, or the last
+  position's direct term split over source positions);
 - ``attnlrp``: layer-wise relevance propagation;
 - ``atp_star`` / ``atp_star_all`` (AtP*: QK fix + GradDrop, also ``variant="atp*"``) and
   ``atp_ig_all`` (path-integrated AtP, ``variant="ig"``): AtP without its false negatives;
@@ -24,6 +26,7 @@ from mechsteer.attribution.atp_ig import atp_ig_all
 from mechsteer.attribution.atp_star import atp_star, atp_star_all
 from mechsteer.attribution.compare import compare
 from mechsteer.attribution.dla import direct_logit_attribution, direct_logit_attribution_all, dla_terms
+from mechsteer.attribution.dla_positions import dla_per_position
 from mechsteer.attribution.lrp import attnlrp
 from mechsteer.attribution.patching import activation_patching
 from mechsteer.attribution.recall import false_negatives
@@ -43,6 +46,7 @@ __all__ = [
     "compare",
     "direct_logit_attribution",
     "direct_logit_attribution_all",
+    "dla_per_position",
     "dla_terms",
     "false_negatives",
     "run_suite",
