@@ -35,8 +35,11 @@ def test_site_grid_layouts(tiny_gpt2, ds):
     model = tiny_gpt2
     r = activation_patching(model, ds, site=["attn_out", "mlp_out"], progress=False)
     assert r.axes == ("site", "layer", "pos")
-    iv = scalars_from_result(model, r)
+    iv = scalars_from_result(model, r, normalize=True)  # the option (the default is raw, below)
     assert iv.sites == ("attn_out", "mlp_out") and iv.n_pos == ds.n_pos
+    default = scalars_from_result(model, r)  # the paper's (Sec. 6.1): raw scores, oriented
+    for i, s in enumerate(default.sites):
+        torch.testing.assert_close(default.alpha(s), r.scores[i] * orientation(r))
     scale = r.scores.abs().max() * orientation(r)
     for i, s in enumerate(iv.sites):
         assert iv.alpha(s).shape == (2, ds.n_pos)
@@ -66,7 +69,7 @@ def test_orientation_makes_positive_raise_the_metric(tiny_gpt2, ds):
 def test_head_layouts(tiny_gpt2, tiny_llama, ds):
     heads = activation_patching(tiny_gpt2, ds, site="z", per_position=False, progress=False)
     assert heads.axes == ("layer", "head")
-    iv = scalars_from_result(tiny_gpt2, heads, n_pos=ds.n_pos)
+    iv = scalars_from_result(tiny_gpt2, heads, n_pos=ds.n_pos, normalize=True)
     a = iv.alpha("z")
     assert iv.sites == ("z",) and a.shape == (2, ds.n_pos, 4)
     assert torch.equal(a, a[:, :1].expand_as(a))  # each head scaled alike at every position
@@ -75,7 +78,7 @@ def test_head_layouts(tiny_gpt2, tiny_llama, ds):
         scalars_from_result(tiny_gpt2, heads)
     per_pos = attribution_patching(tiny_gpt2, ds, site="z")
     assert per_pos.axes == ("layer", "head", "pos")
-    a = scalars_from_result(tiny_gpt2, per_pos).alpha("z")
+    a = scalars_from_result(tiny_gpt2, per_pos, normalize=True).alpha("z")
     torch.testing.assert_close(a, per_pos.scores.permute(0, 2, 1) / per_pos.scores.abs().max() * orientation(per_pos))
     llama_ds = ccc(tiny_llama, n=4)
     dla = direct_logit_attribution(tiny_llama, llama_ds, site="z")  # GQA model: z is per query head
@@ -100,7 +103,7 @@ def test_attnlrp_and_refusals(tiny_gpt2, ds):
 
 
 def test_fit_beta_keeps_alphas_fixed_and_never_loses_to_one(tiny_gpt2, ds):
-    iv = scalars_from_result(tiny_gpt2, attribution_patching(tiny_gpt2, ds, site="mlp_out"))
+    iv = scalars_from_result(tiny_gpt2, attribution_patching(tiny_gpt2, ds, site="mlp_out"), normalize=True)
     before = iv.alpha("mlp_out").clone()
     scaled, table = fit_beta(tiny_gpt2, iv, ds, betas=[0.1, 10.0, -10.0], refine_steps=3, batch_size=4, progress=False)
     assert torch.equal(iv.alpha("mlp_out"), before)  # the input is untouched
@@ -143,3 +146,43 @@ def test_compare_with_trained(tiny_gpt2, ds):
     iv = attribution_scalars(tiny_gpt2, results["AtP"], train_ds, betas=[-1.0, 10.0], progress=False)
     assert iv.sites == ("mlp_out",) and iv.n_pos == ds.n_pos
     assert default_betas()[0] == -100.0 and 1.0 in default_betas() and len(default_betas()) == 26
+
+
+def test_sweep_beta_is_the_default_paper_procedure(tiny_gpt2, ds):
+    """Sec. 6.1 / Fig. 9: raw scores, a beta sweep (E_0, F, minimality per beta), best by E_0."""
+    from mechsteer.interventions.from_attribution import choose_beta, sweep_beta, sweep_betas
+
+    r = direct_logit_attribution(tiny_gpt2, ds, site="mlp_out")
+    iv = scalars_from_result(tiny_gpt2, r)
+    torch.testing.assert_close(iv.alpha("mlp_out"), r.scores)  # raw: DLA's logits as alphas
+    scaled, table = sweep_beta(tiny_gpt2, iv, ds, batch_size=4, progress=False)
+    assert list(table.columns) == ["beta", "effectiveness", "faithfulness", "minimality", "chosen"]
+    assert table["beta"].tolist() == sweep_betas() and table["chosen"].sum() == 1
+    best = table[table["chosen"]].iloc[0]
+    assert best["effectiveness"] == pytest.approx(table["effectiveness"].max(), abs=1e-6)
+    torch.testing.assert_close(scaled.alpha("mlp_out"), iv.alpha("mlp_out") * best["beta"])
+    for _, row in table.iterrows():  # minimality counts |beta alpha| > 0.01
+        assert row["minimality"] == int((iv.alpha("mlp_out").abs() * abs(row["beta"]) > 0.01).sum())
+    # the default of attribution_scalars is this sweep on raw scores
+    default = attribution_scalars(tiny_gpt2, r, ds, batch_size=4, progress=False)
+    torch.testing.assert_close(default.alpha("mlp_out"), scaled.alpha("mlp_out"))
+    # a fixed beta: one row, no search
+    fixed, one = choose_beta(tiny_gpt2, iv, ds, -2.0, progress=False)
+    assert one["beta"].tolist() == [-2.0] and bool(one["chosen"].iloc[0])
+    torch.testing.assert_close(fixed.alpha("mlp_out"), -2.0 * iv.alpha("mlp_out"))
+    with pytest.raises(ValueError, match="beta must be one of"):
+        choose_beta(tiny_gpt2, iv, ds, "tune")
+
+
+def test_old_behaviour_reachable_normalised_and_fitted(tiny_gpt2, ds):
+    """normalize=True, beta="fit": the pre-issue-12 default (normalised scores, fitted beta*)."""
+    r = attribution_patching(tiny_gpt2, ds, site="mlp_out")
+    kw = dict(betas=[-1.0, 10.0], refine_steps=2, batch_size=4, progress=False)
+    old = attribution_scalars(tiny_gpt2, r, ds, normalize=True, beta="fit", **kw)
+    want, table = fit_beta(tiny_gpt2, scalars_from_result(tiny_gpt2, r, normalize=True), ds, **kw)
+    torch.testing.assert_close(old.alpha("mlp_out"), want.alpha("mlp_out"))
+    assert "adam" in set(table["source"]) and "minimality" in table.columns
+    train_ds, test_ds = ds.split()
+    trained = ActivScalar.for_model(tiny_gpt2, sites=["mlp_out"], n_pos=ds.n_pos)
+    df = compare_with_trained(tiny_gpt2, {"AtP": r}, trained, train_ds, test_ds, betas=[-1.0, 10.0], progress=False)
+    assert "train_effectiveness_at_1" in df.columns and df["train_effectiveness_at_1"].notna().all()

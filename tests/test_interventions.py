@@ -68,6 +68,16 @@ def test_init_seeded_gaussian():
     assert a.params["mlp_out"].std().item() == pytest.approx(1e-5, rel=0.05)
 
 
+def test_init_readings_of_app_a1():
+    """N(0, 1e-5): "std" (the default, std 1e-5) or "var" (variance 1e-5, std ~3.2e-3)."""
+    shape = dict(n_layers=4, d_model=256, n_pos=10, seed=1)
+    std, var = SteerVec(["mlp_out"], init_std="std", **shape), SteerVec(["mlp_out"], init_std="var", **shape)
+    assert std.init_std == 1e-5 and torch.equal(std.params["mlp_out"], SteerVec(["mlp_out"], **shape).params["mlp_out"])
+    assert var.params["mlp_out"].var().item() == pytest.approx(1e-5, rel=0.05)
+    with pytest.raises(ValueError, match="init_std='variance'"):
+        SteerVec(["mlp_out"], init_std="variance", **shape)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

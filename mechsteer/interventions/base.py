@@ -70,7 +70,8 @@ from mechsteer.interventions.scope import watch_generate
 from mechsteer.sites import get_site, hook_name, hooked, sites_for
 
 ALLOWED_SITES = sites_for("intervene")  # the site module says where an intervention may edit
-DEFAULT_INIT_STD = 1e-5  # App. A.1: parameters start as Gaussian noise
+DEFAULT_INIT_STD = 1e-5  # App. A.1: parameters start as Gaussian noise N(0, 1e-5), read as std 1e-5
+INIT_READINGS = {"std": 1e-5, "var": 1e-5 ** 0.5}  # App. A.1's N(0, 1e-5): 1e-5 as the std, or as the variance
 
 
 def check_beta(beta):
@@ -131,7 +132,7 @@ class Intervention(torch.nn.Module):
         n_kv_heads: int | None = None,  # site "v" (GQA); None: n_heads
         n_pos: int | None = None,  # prompt length (position-bound interventions)
         slots: Sequence[str] | None = None,  # position-axis labels, one parameter each (positions.py)
-        init_std: float = DEFAULT_INIT_STD,  # std of the Gaussian init (App. A.1)
+        init_std: float | str = DEFAULT_INIT_STD,  # std of the Gaussian init, or "std" / "var" (INIT_READINGS)
         seed: int = 0,  # seeds the init
     ):
         super().__init__()
@@ -140,7 +141,9 @@ class Intervention(torch.nn.Module):
         d_head = positive_int("d_head", d_head, allow_none=True)
         n_pos = positive_int("n_pos", n_pos, allow_none=True)
         n_kv_heads = positive_int("n_kv_heads", n_kv_heads, allow_none=True) or n_heads
-        init_std = finite_float("init_std", init_std)
+        if isinstance(init_std, str) and init_std not in INIT_READINGS:
+            raise ValueError(f"init_std={init_std!r}: give a number or one of {list(INIT_READINGS)} (App. A.1's readings).")
+        init_std = finite_float("init_std", INIT_READINGS[init_std] if isinstance(init_std, str) else init_std)
         if init_std < 0:
             raise ValueError(f"init_std must be >= 0 (the std of the Gaussian init), got {init_std}.")
         seed = as_index("seed", seed)

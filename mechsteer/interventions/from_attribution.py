@@ -1,16 +1,28 @@
 """Attribution scores as activation scalars (seed paper 003, Sec. 6.1, Fig. 9).
 
-Activation patching, attribution patching (AtP), direct logit attribution (DLA) and
-AttnLRP all give one score per location (site, layer, pos[, head]) for the logit
-difference f_c - f_w. Plugged into Eq. 5 as fixed scalars alpha, they make an ActivScalar
+Activation patching, attribution patching (AtP), direct logit attribution (DLA; per
+position: ``mechsteer.attribution.dla_per_position``) and AttnLRP all give one score per
+location (site, layer, pos[, head]) for the logit difference f_c - f_w. Plugged into Eq. 5
+as fixed scalars alpha, they make an ActivScalar
 
     h~_{l,i}^(s) = h_{l,i}^(s) (1 + beta alpha_{l,i}^(s)),
 
-whose only free parameter is the global strength beta. The scores were not trained for
-steering, so their scale is arbitrary (DLA's are in logits, patching's are fractions of
-the clean-vs-corrupted effect): ``fit_beta`` fits beta so that beta = +1 makes the
-correct answer win and beta = -1 the wrong one (Eq. 6 at m = 0), and ``compare_with_trained``
-reports E_0 and F of each next to a trained ActivScalar.
+whose only free parameter is the global strength beta. The paper's procedure (Sec. 6.1,
+Fig. 9), the default here: plug in the RAW scores ("plugging them directly into Eq. 5")
+and sweep beta ("tune the beta parameter to globally strengthen, weaken or flip the
+interventional effect"). ``sweep_beta`` returns a table of E_0, F (Sec. 3.4, each run at
++beta and -beta as Eq. 6 does at +-1) and minimality (count of |beta alpha| > 0.01) per
+beta, and the beta that is best by the paper's evaluation, Eq. 6 at m = 0 (largest E_0;
+ties: largest F). The row beta = 1 is always there: it is the scores as given, which the
+paper reads off Fig. 9 (DLA's scores are on "a much larger scale" and do not flip the
+answer between beta = -1 and 1). ``compare_with_trained`` puts each beside a trained
+ActivScalar.
+
+Options (not the paper's): ``normalize=True`` divides the scores by max |score| over the
+whole result (all sites), so alpha is in [-1, 1] and the relative sizes across sites are
+kept; ``beta="fit"`` (``fit_beta``) adds Adam steps on log|beta| after the grid, fitting
+beta*, which the paper leaves to future work (Sec. 8). The alphas are frozen
+(requires_grad False).
 
 Layouts (``scalars_from_result``):
 
@@ -20,14 +32,11 @@ Layouts (``scalars_from_result``):
 - ``("layer", "head")``: site ``z``, each head scaled by its score at every position;
   ``("layer", "head", "pos")``: site ``z``, per head and position.
 
-Normalisation: scores are divided by max |score| over the whole result (all sites), so
-alpha is in [-1, 1] and the relative sizes across sites are kept (``normalize=False``
-plugs in the raw scores, as the paper does). The alphas are frozen (requires_grad False).
-
-Fitting beta: the evaluation runs beta = +1 and -1, so fitting beta* is the same as
-scaling every alpha by beta*. ``fit_beta`` scores a grid of both signs and log-spaced
-magnitudes (always including 1) and keeps the best E_0, ties broken by F; optional Adam
-steps on log|beta| (Psi = E_m + lambda_F F) refine it. It returns the scaled copy.
+Sweeping beta: the evaluation runs beta = +1 and -1, so trying beta is the same as
+scaling every alpha by beta. The grids hold both signs and log-spaced magnitudes, always
+including 1 (``sweep_betas``: 1e-3..1e2, wide enough for raw scores in logits or in
+fractions of a patching effect; ``default_betas``: 1e-2..1e2, ``fit_beta``'s historical
+grid for normalised scores).
 
 Sign convention: alpha > 0 means the location pushes f_c - f_w up, so beta > 0
 strengthens the correct answer and beta < 0 suppresses it, as Eq. 6 wants. DLA, AttnLRP
@@ -48,42 +57,41 @@ position pos's attention writes, a different activation.
 >>> from mechsteer.tasks import ccc
 >>> from mechsteer.tiny import tiny_model
 >>> model = tiny_model("gpt2"); ds = ccc(model, n=8)
->>> iv = scalars_from_result(model, attribution_patching(model, ds, site="mlp_out"))
+>>> iv = scalars_from_result(model, attribution_patching(model, ds, site="mlp_out"))  # raw scores
 >>> iv.sites, tuple(iv.alpha("mlp_out").shape) == (2, ds.n_pos), iv.alpha("mlp_out").requires_grad
 (('mlp_out',), True, False)
->>> scaled, table = fit_beta(model, iv, ds, progress=False)
+>>> scaled, table = sweep_beta(model, iv, ds, progress=False)
+>>> list(table.columns), int(table["chosen"].sum())
+(['beta', 'effectiveness', 'faithfulness', 'minimality', 'chosen'], 1)
 >>> bool(table.loc[table["chosen"], "effectiveness"].iloc[0] >= table.loc[table["beta"] == 1, "effectiveness"].iloc[0])
 True
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
-from mechsteer._validate import check_finite, naming, finite_float, nonneg_int, positive_int
+from mechsteer._validate import check_finite, positive_int
 from mechsteer.attribution.result import AttributionResult
 from mechsteer.interventions.base import Intervention
-from mechsteer.interventions.evaluate import evaluate_splits, mean_e0_f
-from mechsteer.interventions.objective import effectiveness, faithfulness, plus_minus_logits
+from mechsteer.interventions.beta_sweep import (  # noqa: F401 (re-exported: the Sec. 6.1 API in one place)
+    BETA_MODES,
+    choose_beta,
+    default_betas,
+    fit_beta,
+    sweep_beta,
+    sweep_betas,
+)
+from mechsteer.interventions.evaluate import evaluate_splits
 from mechsteer.interventions.scalars import ActivScalar
-from mechsteer.interventions.train import batch_view, batched_clean_logits, check_inputs, dataset_tensors
 from mechsteer.sites import sites_for
+
 LAYOUTS = (("site", "layer", "pos"), ("layer", "pos"), ("layer", "head"), ("layer", "head", "pos"))
-TIE = 1e-6  # E_0 values this close count as tied (then F decides)
-
-
-def default_betas() -> list[float]:
-    """+-10^k for k in -2..2 in steps of 1/3 (26 values), plus 1."""
-    mags = np.logspace(-2, 2, 13).tolist()
-    return sorted({1.0, *mags, *(-m for m in mags)})
 
 
 def orientation(result: AttributionResult) -> float:
@@ -129,7 +137,7 @@ def scalars_from_result(
     n_pos: int | None = None,  # prompt length: needed for ("layer", "head"), else checked
     site: str | None = None,  # the site of a ("layer", "pos") result (default: result.meta["site"])
     sites: Sequence[str] | None = None,  # keep only these sites of a ("site", "layer", "pos") result
-    normalize: bool = True,  # alpha = score / max|score| (in [-1, 1]); False: raw scores
+    normalize: bool = False,  # False: raw scores (the paper); True: alpha = score / max|score| (in [-1, 1])
     orient: bool = True,  # times sign(m_clean - m_corr) from result.meta (patching, AtP)
     slots: Sequence[str] | None = None,  # ("layer", "head") on mixed lengths: the positions to scale
 ) -> ActivScalar:
@@ -163,9 +171,10 @@ def scalars_from_result(
     if n_pos is not None and n_pos != result_pos and slots is None:
         raise ValueError(f"The result covers {result_pos} positions but n_pos={n_pos}; use a result "
                          "computed on prompts of that length.")
-    scale = max(g.abs().max().item() for g in grids.values()) if normalize else 1.0
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"Cannot normalise scores with max |score| = {scale}; every score is 0 (or not finite).")
+    top = max(g.abs().max().item() for g in grids.values())
+    if not (math.isfinite(top) and top > 0):
+        raise ValueError(f"Scores with max |score| = {top} give no intervention; every score is 0 (or not finite).")
+    scale = top if normalize else 1.0
     scale *= orientation(result) if orient else 1.0
     if slots is None and "pos" in result.axes and result.axis_labels("pos")[-1] == "end":
         slots = result.axis_labels("pos")  # named / end-relative positions of mixed-length prompts
@@ -180,89 +189,12 @@ def scalars_from_result(
     return iv
 
 
-def _measure(model, iv: Intervention, data: tuple, b: float, batch_size: int) -> tuple[float, float]:
-    """(E_0, F) of ``iv`` with every alpha scaled by ``b`` (run at beta = +-b)."""
-    tokens, correct, wrong, pos, where, clean = data
-    with naming("fit_beta"):
-        e, f = mean_e0_f(model, iv, tokens, correct, wrong, clean, batch_size=batch_size, strength=b, pos=pos, where=where)
-    check_finite(f"fit_beta: E_0 and F at beta = {b:g}", torch.tensor([e, f]))
-    return e, f
-
-
-def _refine(model, iv, data, b0: float, steps: int, lr: float, margin: float, lambda_f: float, batch_size: int) -> float:
-    """Adam on u with beta = b0 exp(u) (sign kept), maximising Psi = E_m + lambda_F F."""
-    tokens, correct, wrong, pos, where, clean = data
-    u = torch.zeros((), requires_grad=True)
-    opt = torch.optim.Adam([u], lr=lr)
-    for step in range(steps):
-        sl = slice((step * batch_size) % len(tokens), (step * batch_size) % len(tokens) + batch_size)
-        t, p, w = batch_view(tokens, pos, where, sl)
-        with torch.enable_grad():
-            plus, minus = plus_minus_logits(model, iv, t, (b0 * u.exp()).to(tokens.device), pos=p, where=w)
-            psi = effectiveness(plus, minus, correct[sl], wrong[sl], margin) + lambda_f * faithfulness(plus, minus, clean[sl])
-            (g,) = torch.autograd.grad(-psi, [u])
-        u.grad = g
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    b = float(b0 * u.detach().exp())
-    if not math.isfinite(b) or b == 0:
-        raise FloatingPointError(f"fit_beta: refining beta from {b0:g} gave beta = {b}; lower lr or refine_steps.")
-    return b
-
-
-def fit_beta(
-    model,
-    intervention: Intervention,
-    ds,
-    *,
-    betas: Sequence[float | int] | None = None,  # None: default_betas() (both signs, 1e-2..1e2)
-    refine_steps: int = 0,  # Adam steps on log|beta| after the grid (0: grid only)
-    lr: float = 0.05,  # Adam step on log|beta|
-    margin: float = 1.0,  # m of E_m while refining
-    lambda_f: float = 1.0,  # lambda_F while refining
-    batch_size: int = 32,  # prompts per forward (each at beta = +1 and -1 in it)
-    progress: bool = True,
-) -> tuple[Intervention, pd.DataFrame]:
-    """Fit the strength beta* maximising E_0 on ``ds`` (ties: F); return the scaled copy.
-
-    beta = 1 (the alphas as given) is always tried, so the fit never scores below it.
-    The copy's parameters are beta* times the input's (which is left untouched) and keep
-    its requires_grad. The table has one row per beta tried: ``beta``, ``effectiveness``
-    (E_0), ``faithfulness`` (F), ``source`` ("grid" or "adam") and ``chosen``.
-    """
-    if not isinstance(intervention, Intervention):
-        raise TypeError(f"intervention must be a mechsteer Intervention, got {type(intervention).__name__}.")
-    if isinstance(betas, (str, numbers.Number)):
-        raise TypeError(f"betas must be a list of numbers (or None), got {betas!r}.")
-    grid = default_betas() if betas is None else sorted({1.0, *(finite_float("betas", b) for b in betas)})
-    refine_steps, batch_size = nonneg_int("refine_steps", refine_steps), positive_int("batch_size", batch_size)
-    for name, v in (("lr", lr), ("margin", margin), ("lambda_f", lambda_f)):
-        if finite_float(name, v) < 0 or (name == "lr" and v == 0):
-            raise ValueError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {v}.")
-    check_inputs(model, intervention, ds)
-    device = next(model.parameters()).device
-    iv = copy.deepcopy(intervention).to(device)
-    data = dataset_tensors(model, iv, ds)  # tokens, correct, wrong, pos, where
-    data = (*data, batched_clean_logits(model, data[0], batch_size, data[3]))
-    rows = [(b, *_measure(model, iv, data, b, batch_size), "grid") for b in tqdm(grid, desc="fit beta", disable=not progress)]
-    best = max(rows, key=lambda r: (round(r[1] / TIE), r[2]))
-    if refine_steps and best[0] != 0:
-        b = _refine(model, iv, data, best[0], refine_steps, lr, margin, lambda_f, batch_size)
-        rows.append((b, *_measure(model, iv, data, b, batch_size), "adam"))
-        best = max(rows, key=lambda r: (round(r[1] / TIE), r[2]))
-    table = pd.DataFrame(rows, columns=["beta", "effectiveness", "faithfulness", "source"])
-    table["chosen"] = [r is best for r in rows]
-    with torch.no_grad():
-        for p in iv.params.values():
-            p.mul_(best[0])
-    return iv, table
-
-
-def attribution_scalars(model, result: AttributionResult, ds, **kwargs) -> ActivScalar:
-    """``scalars_from_result`` then ``fit_beta`` on ``ds``: the fixed-alpha ActivScalar at beta*.
+def attribution_scalars(model, result: AttributionResult, ds, *, beta: str | float = "sweep", **kwargs) -> ActivScalar:
+    """``scalars_from_result`` then ``choose_beta`` on ``ds``: the fixed-alpha ActivScalar at
+    the chosen beta (default: raw scores, the best beta of ``sweep_beta``, as the paper).
 
     Keyword arguments go to either (``site``, ``sites``, ``normalize``, ``orient`` / ``betas``,
-    ``refine_steps``, ...); ``n_pos`` is ``ds.n_pos``.
+    ``batch_size``, and for ``beta="fit"`` ``refine_steps``, ...); ``n_pos`` is ``ds.n_pos``.
 
     >>> from mechsteer.attribution.dla import direct_logit_attribution
     >>> from mechsteer.tasks import ccc
@@ -274,7 +206,7 @@ def attribution_scalars(model, result: AttributionResult, ds, **kwargs) -> Activ
     """
     conv = {k: kwargs.pop(k) for k in ("site", "sites", "normalize", "orient") if k in kwargs}
     iv = scalars_from_result(model, result, **_lengths(ds, result), **conv)
-    return fit_beta(model, iv, ds, **kwargs)[0]
+    return choose_beta(model, iv, ds, beta, **kwargs)[0]
 
 
 def _lengths(ds, result: AttributionResult) -> dict:
@@ -293,24 +225,29 @@ def compare_with_trained(
     test_ds,
     **kwargs,
 ) -> pd.DataFrame:
-    """Fig. 9: each attribution's fixed-alpha ActivScalar (beta fitted on ``train_ds``) next
-    to ``trained``, one row each: ``method``, ``beta`` (1 for the trained one), E_0
-    (``*_effectiveness``) and F (``*_faithfulness``) on train and test, ``minimality``
-    (count of |beta* alpha| > 0.01) and ``n_params``. ``kwargs`` as in ``attribution_scalars``.
+    """Fig. 9: each attribution's fixed-alpha ActivScalar (raw scores, beta swept on
+    ``train_ds`` by default) next to ``trained``, one row each: ``method``, ``beta`` (the
+    chosen one; 1 for the trained one), E_0 (``*_effectiveness``) and F (``*_faithfulness``)
+    on train and test, ``minimality`` (count of |beta alpha| > 0.01), ``n_params``, and
+    ``train_effectiveness_at_1`` (E_0 of the scores as given, beta = +-1: Fig. 9's middle
+    row). ``kwargs`` as in ``attribution_scalars`` (``beta="fit"``, ``normalize=True``, ...).
     """
     conv = {k: kwargs.pop(k) for k in ("site", "sites", "normalize", "orient") if k in kwargs}
+    mode = kwargs.pop("beta", "sweep")
     fitted = {}
     for name, result in results.items():
         iv = scalars_from_result(model, result, **_lengths(train_ds, result), **conv)
-        scaled, table = fit_beta(model, iv, train_ds, **kwargs)
-        fitted[name] = (scaled, float(table.loc[table["chosen"], "beta"].iloc[0]))
-    fitted[f"{type(trained).__name__} (trained)"] = (trained, 1.0)
+        scaled, table = choose_beta(model, iv, train_ds, mode, **kwargs)
+        at_1 = table.loc[table["beta"] == 1.0, "effectiveness"]
+        fitted[name] = (scaled, float(table.loc[table["chosen"], "beta"].iloc[0]), float(at_1.iloc[0]) if len(at_1) else np.nan)
+    fitted[f"{type(trained).__name__} (trained)"] = (trained, 1.0, np.nan)
     rows = []
-    for name, (iv, beta) in fitted.items():
+    for name, (iv, beta, e_at_1) in fitted.items():
         s = evaluate_splits(model, iv, train_ds, test_ds, batch_size=kwargs.get("batch_size", 32))
         rows.append({
             "method": name, "beta": beta,
             **{f"{split}_{m}": s[split][m] for split in ("train", "test") for m in ("effectiveness", "faithfulness")},
             "minimality": s["train"]["minimality"], "n_params": s["train"]["n_params"],
+            "train_effectiveness_at_1": s["train"]["effectiveness"] if np.isnan(e_at_1) else e_at_1,
         })
     return pd.DataFrame(rows)
