@@ -190,6 +190,19 @@ def cmd_fv(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replicate(args: argparse.Namespace) -> int:
+    from mechsteer.replicate import ReplicateConfig, replicate
+
+    cfg = ReplicateConfig.quick(seed=args.seed) if args.quick else ReplicateConfig(seed=args.seed)
+    model = _load(args.model)
+    command = "mechsteer replicate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["replicate"] else [])
+    run = replicate(model, cfg, command=command.strip(), log=_log)
+    path = run.write(args.out)
+    _log("verdicts: " + ", ".join(f"{v} {k}" for k, v in run.counts().items()))
+    _log(f"wrote {path.parent}/ (REPLICATION.md, claims.csv, summary.json) in {run.meta['seconds']:.0f}s")
+    return 0
+
+
 def _add_task_args(p: argparse.ArgumentParser, *, default: str | None = None) -> None:
     """``--task NAME`` or ``--data FILE`` (one of them; a default task makes both optional)."""
     g = p.add_mutually_exclusive_group(required=default is None)
@@ -292,6 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
     fv.add_argument("--out", required=True, help="output directory")
     fv.add_argument("--model", default=None, help=_MODEL_HELP)
     fv.set_defaults(func=cmd_fv)
+
+    rep = sub.add_parser("replicate", help="each claim of papers 000, 003, 004 beside mechsteer's measurement (REPLICATION.md)")
+    rep.add_argument("--out", required=True, help="output directory (REPLICATION.md, claims.csv, summary.json)")
+    rep.add_argument("--quick", action="store_true", help="tiny sizes: every row in seconds (numbers meaningless on tiny models)")
+    rep.add_argument("--seed", type=seed, default=0)
+    rep.add_argument("--model", default=None, help=_MODEL_HELP)
+    rep.set_defaults(func=cmd_replicate)
 
     demo = sub.add_parser("demo", help="write the HTML report on the embedded model")
     demo.add_argument("--out", default="out/demo", help="output directory (index.html, summary.json)")
