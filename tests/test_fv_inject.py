@@ -283,7 +283,8 @@ def test_sweep_best_layer_and_comparison_table(tiny_gpt2):
     prompts = _prompts(m)
     fv = function_vector(m, mean_z, [(0, 1), (1, 2)])
     sweep = fv_layer_sweep(m, fv, prompts, progress=False)
-    assert sweep["layer"].tolist() == [0, 1] and list(sweep.columns) == ["layer", "top1", "top3"]
+    assert sweep["layer"].tolist() == [0, 1]
+    assert list(sweep.columns) == ["layer", "top1", "top3", "n", "correct", "top1_lo", "top1_hi"]
     for l in range(2):
         want = zero_shot_accuracy(m, prompts, lambda: inject_fv(m, fv, l), progress=False)["top1"]
         assert sweep["top1"][l] == want
@@ -338,3 +339,50 @@ def test_smollm2_fv_and_dfv(smollm2):
     prompts = _prompts(m, texts[:2], answers=torch.tensor([0, 0]))
     r = zero_shot_accuracy(m, prompts, lambda: inject_dfv(m, mean_z, [(10, 2)], every_step=True), progress=False)
     assert r["n"] == 2 and live_hooks(m) == []
+
+
+def test_wilson_matches_published_values():
+    """Wilson 95% intervals as tabulated by Newcombe (1998, Stat. Med. 17:857, Table I):
+    81/263 -> (0.2553, 0.3662); 15/148 -> (0.0624, 0.1605); 0/20 -> (0, 0.1611); 1/29 -> (0.0061, 0.1718)."""
+    from mechsteer.fv.stats import wilson
+
+    for (k, n), want in {(81, 263): (0.2553, 0.3662), (15, 148): (0.0624, 0.1605), (0, 20): (0.0, 0.1611),
+                         (1, 29): (0.0061, 0.1718)}.items():
+        assert wilson(k, n) == pytest.approx(want, abs=6e-5)
+    with pytest.raises(ValueError, match="k=11, n=10"):
+        wilson(11, 10)
+    with pytest.raises(ValueError, match="n must be a count"):
+        wilson(1, -3)
+
+
+def test_paired_gain_interval_properties():
+    """Newcombe's paired interval: holds the gain, widens with fewer items, flips sign with
+    the roles swapped, and is above zero for a clear win (12 wins, 0 losses of 50)."""
+    from mechsteer.fv.stats import newcombe_paired
+
+    g, lo, hi = newcombe_paired(20, 12, 0, 18)
+    assert g == pytest.approx(12 / 50) and 0 < lo < g < hi
+    g2, lo2, hi2 = newcombe_paired(20, 0, 12, 18)
+    assert (g2, lo2, hi2) == pytest.approx((-g, -hi, -lo))
+    _, lo_small, hi_small = newcombe_paired(4, 3, 0, 3)
+    assert hi_small - lo_small > hi - lo
+    assert newcombe_paired(14, 5, 0, 22) == pytest.approx((5 / 41, 0.0115, 0.2265), abs=1e-4)  # Altman et al. Table 6.2 counts
+
+
+def test_comparison_table_intervals_are_paired_over_items(tiny_gpt2):
+    """wins / losses count the items each injection gets right where the baseline does not
+    (and vice versa), from the same per-item ranks as zero_shot_accuracy."""
+    from mechsteer.fv.stats import interval_columns
+
+    m, mean_z = tiny_gpt2, _mean_z(tiny_gpt2)
+    prompts = _prompts(m)
+    df = compare_injections(m, prompts, mean_z, {"a": [(0, 1), (1, 2)]}, {"a": 1}, scale=20, progress=False)
+    base = zero_shot_accuracy(m, prompts, progress=False)["rank"] < 1
+    fv = zero_shot_accuracy(m, prompts, lambda: inject_fv(m, function_vector(m, mean_z, [(0, 1), (1, 2)]), 1, 20),
+                            progress=False)["rank"] < 1
+    row = df.set_index("name").loc["fv/a"]
+    assert row["n"] == len(prompts) and row["wins"] == int((fv & ~base).sum()) and row["losses"] == int((~fv & base).sum())
+    want = interval_columns(len(prompts), int(fv.sum()), int((fv & ~base).sum()), int((~fv & base).sum()))
+    assert row[list(want)].tolist() == pytest.approx(list(want.values()))
+    b = df.set_index("name").loc["baseline"]
+    assert (b["gain"], b["wins"], b["losses"]) == (0.0, 0, 0)

@@ -1,12 +1,17 @@
 """run_fv end to end on a tiny model: shapes of per-task and global selections, rows of the
-accuracy table, timing keys, and the written files."""
+accuracy table and its intervals, the ICL protocol's prompts and held-out splits, the
+instruction protocol's same-format evaluation, timing keys, and the written files."""
 
 import json
 
 import pytest
 
 from mechsteer.fv import FVConfig, run_fv, top_heads
+from mechsteer.fv.protocol import prepare_instruction
 from mechsteer.sites import live_hooks
+
+SMALL = dict(n_shots=3, n_train=8, n_queries=3, n_cie=2, n_val=2, n_test=4, k=3, filter=False, lrp_max_rank=10**6,
+             progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -14,9 +19,7 @@ def run(request):
     from mechsteer.tiny import tiny_model
 
     model = tiny_model("llama")
-    cfg = FVConfig(tasks=("capitalize", "antonym"), n_instructions=2, n_queries=3, n_cie=2, n_test=4, k=3, pool=4,
-                   filter=False, lrp_max_rank=10**6, progress=False)
-    return model, run_fv(model, cfg)
+    return model, run_fv(model, FVConfig(tasks=("capitalize", "antonym"), **SMALL))
 
 
 def test_per_task_and_global_selections_have_the_documented_shapes(run):
@@ -56,7 +59,75 @@ def test_bad_config_is_a_clear_error():
     with pytest.raises(ValueError, match="select"):
         FVConfig(select=("shap",))
     with pytest.raises(ValueError, match="n_test"):
-        FVConfig(n_test=1)
+        FVConfig(n_test=0)
+    with pytest.raises(ValueError, match="protocol.*'few_shot'"):
+        FVConfig(protocol="few_shot")
+    with pytest.raises(ValueError, match="n_shots"):
+        FVConfig(protocol="icl", n_shots=0)
+    with pytest.raises(ValueError, match="n_val"):
+        FVConfig(n_val=0)
+    with pytest.raises(TypeError, match="n_train"):
+        FVConfig(n_train=2.5)
+    assert FVConfig.paper(tasks=("antonym",), n_test=60).n_test == 60  # preset, overridable
+
+
+def test_icl_protocol_extracts_from_icl_prompts_and_evaluates_the_bare_query(run):
+    _, r = run
+    for d in r.tasks.values():
+        assert d.protocol == "icl" and d.clean.style == "icl" and d.corrupted.style == "icl/corrupted"
+        assert all(len(demos) == 3 for demos in d.clean.demo_positions)  # n_shots demonstrations
+        # AttnLRP reads attention to the demonstration outputs (ICL prompts have no instruction)
+        assert d.scored.frames == [sorted(q for dp in demos for q in dp) for demos in d.scored.demo_positions]
+        for p in (d.val, d.test):  # zero-shot in the same format: the ICL query alone
+            assert p.style == "icl" and p.meta["n_shots"] == 0
+            assert p.texts == [f"Q: {x}\nA:" for x in p.inputs]
+        assert d.clean.texts[0].endswith(f"Q: {d.clean.inputs[0]}\nA:")
+
+
+def test_test_items_never_appear_in_extraction_or_validation(run):
+    _, r = run
+    for d in r.tasks.values():
+        test = set(d.test.pairs)
+        assert len(test) == len(d.test) == 4 and len(d.val) == 2
+        used = set(d.val.pairs)
+        for p in (d.clean, d.scored, d.corrupted):
+            used |= set(p.pairs) | {j for demos in p.demo_pairs for j in demos}
+        assert not test & used
+        assert not set(d.test.inputs) & (set(d.val.inputs) | set(d.clean.inputs))
+        assert used - set(d.val.pairs) <= set(d.splits["train"])  # extraction sees train pairs only
+
+
+def test_accuracy_table_has_intervals(run):
+    _, r = run
+    for heads in ("global", "task"):
+        for by_task in (False, True):
+            t = r.accuracy_table(heads, by_task=by_task)
+            assert {"n", "top1", "top1_lo", "top1_hi", "gain", "gain_lo", "gain_hi"} <= set(t.columns)
+            assert ((t["top1_lo"] <= t["top1"] + 1e-12) & (t["top1"] <= t["top1_hi"] + 1e-12)).all()
+            assert ((t["gain_lo"] <= t["gain"] + 1e-12) & (t["gain"] <= t["gain_hi"] + 1e-12)).all()
+            base = t[t["name"] == "baseline"]
+            assert (base["gain"] == 0).all()
+    pooled = r.accuracy_table()
+    assert (pooled["n"] == 8).all()  # 4 test items x 2 tasks
+    assert {"n", "top1_lo", "top1_hi"} <= set(r.sweep.columns)
+
+
+def test_instruction_protocol_evaluates_in_its_own_format(tiny_gpt2, monkeypatch):
+    cfg = FVConfig(protocol="instruction", style="instruction", **{**SMALL, "n_train": 10})
+    d = prepare_instruction(tiny_gpt2, "antonym", [0, 1], "instruction", cfg)
+    assert d.clean.style == "instruction" and d.val.style == "zero_shot" and d.test.style == "zero_shot"
+    instruction = d.clean.meta["instruction_texts"][0]
+    for p in (d.val, d.test):  # the instruction prompt minus its instruction
+        assert p.texts == [f"{instruction}\nQ: {x}\nA:"[len(instruction):] for x in p.inputs]
+    assert not set(d.test.pairs) & (set(d.clean.pairs) | set(d.val.pairs))
+    from tests.test_fv_tasks import SMOL_TEMPLATE
+
+    monkeypatch.setattr(tiny_gpt2.tokenizer, "chat_template", SMOL_TEMPLATE, raising=False)
+    d = prepare_instruction(tiny_gpt2, "antonym", [0], "chat", cfg)
+    assert d.val.style == "chat_zero_shot"
+    bare = d.clean.texts[0].replace(instruction + "\n", "")  # the chat prompt minus its instruction
+    x0 = d.clean.inputs[0]
+    assert d.val.texts == [bare.replace(f"Q: {x0}", f"Q: {x}") for x in d.val.inputs]
 
 
 def test_naive_aie_timed_on_some_layers_is_scaled_to_all(monkeypatch):
@@ -75,8 +146,7 @@ def test_naive_aie_timed_on_some_layers_is_scaled_to_all(monkeypatch):
         return out
 
     monkeypatch.setattr(pipeline, "aie", spy)
-    cfg = FVConfig(tasks=("capitalize",), n_instructions=1, n_queries=2, n_cie=2, n_test=4, k=3, pool=4,
-                   filter=False, lrp_max_rank=10**6, progress=False, naive_layers=1, select=("aie",), inject=("dfv",))
+    cfg = FVConfig(tasks=("capitalize",), **{**SMALL, "n_queries": 2}, naive_layers=1, select=("aie",), inject=("dfv",))
     spm = run_fv(model, cfg).summary()["samples_per_minute"]["aie_naive"]
     (layers, timed_rate), = seen
     assert layers == [0] and spm == pytest.approx(timed_rate / model.cfg.n_layers)

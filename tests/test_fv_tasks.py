@@ -228,3 +228,34 @@ def test_smollm2_frames_tokens_corruption_and_filter(smollm2):
     assert info["kept"] >= 3  # measured: 4 of these 8 (62 of all 89 capitals with this instruction)
     top1 = [smollm2(t[None], logits_to_keep=1)[0, -1].argmax().item() for t in kept.tokens]
     assert top1 == kept.answers.tolist()
+
+
+def test_items_and_demo_items_fix_queries_and_demonstrations(tiny_gpt2):
+    train, held = [3, 5, 7, 9, 11, 13], [20, 21]
+    p = fv_prompts(tiny_gpt2, "antonym", style="icl", n_shots=3, items=held, demo_items=train)
+    assert p.pairs == held and all(len(d) == 3 and set(d) <= set(train) for d in p.demo_pairs)
+    pairs = load_task("antonym").pairs
+    assert p.inputs == [pairs[j][0] for j in held]
+    assert p.subset([1]).pairs == [21] and p.subset([1]).demo_pairs == [p.demo_pairs[1]]
+    with pytest.raises(ValueError, match="too few"):
+        fv_prompts(tiny_gpt2, "antonym", style="icl", n_shots=3, items=held, demo_items=[3, 5])
+    with pytest.raises(ValueError, match="items must be pair indices"):
+        fv_prompts(tiny_gpt2, "antonym", style="icl", items=[10**6])
+
+
+def test_zero_shot_prompts_match_their_extraction_format(tiny_gpt2, monkeypatch):
+    """ZERO_SHOT_OF: ICL minus its demonstrations, instruction / chat minus the instruction."""
+    from mechsteer.tasks.fv import ZERO_SHOT_OF
+
+    icl = fv_prompts(tiny_gpt2, "antonym", style="icl", n=3, n_shots=2)
+    style, shots = ZERO_SHOT_OF["icl"]
+    zero = fv_prompts(tiny_gpt2, "antonym", style=style, n_shots=shots, n=3)
+    assert [t.split("\n\n")[-1] for t in icl.texts] == zero.texts == [f"Q: {x}\nA:" for x in zero.inputs]
+    ins = fv_prompts(tiny_gpt2, "antonym", n=3, instructions=[0])
+    zs = fv_prompts(tiny_gpt2, "antonym", style=ZERO_SHOT_OF["instruction"][0], n=3)
+    instruction = load_task("antonym").instructions[0].text
+    assert [t[len(instruction):] for t in ins.texts] == zs.texts
+    monkeypatch.setattr(tiny_gpt2.tokenizer, "chat_template", SMOL_TEMPLATE, raising=False)
+    chat = fv_prompts(tiny_gpt2, "antonym", style="chat", n=3, instructions=[0])
+    zc = fv_prompts(tiny_gpt2, "antonym", style=ZERO_SHOT_OF["chat"][0], n=3)
+    assert [t.replace(instruction + "\n", "") for t in chat.texts] == zc.texts

@@ -9,6 +9,12 @@ the test split next to the unsteered baseline and the layer-free DFV. Paper 000'
 Table 2 compares greedy continuations of one prompt under each injection:
 ``steered_continuations``.
 
+Every accuracy comes with its sample size and a 95% interval (``mechsteer.fv.stats``):
+``top1_lo, top1_hi`` are Wilson intervals; in ``compare_injections`` each steered row also
+has ``gain = top1 - baseline top1`` on the same items with its paired (Newcombe) interval
+``gain_lo, gain_hi``, and the counts behind them (``n, correct, wins, losses``), so
+``pool`` can add tasks up.
+
 Steering is passed as a *factory*: a function of no arguments that returns a fresh
 context manager, e.g. ``lambda: inject_fv(model, fv, layer=3)``, so it can be entered
 once per evaluation.
@@ -28,6 +34,8 @@ once per evaluation.
 >>> df = compare_injections(model, prompts, mean_z, {"aie": [(0, 1), (1, 2)]}, {"aie": 0}, progress=False)
 >>> df["name"].tolist()
 ['baseline', 'fv/aie', 'dfv/aie']
+>>> [c for c in ("n", "top1_lo", "top1_hi", "gain", "gain_lo", "gain_hi") if c in df.columns]
+['n', 'top1_lo', 'top1_hi', 'gain', 'gain_lo', 'gain_hi']
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from tqdm.auto import tqdm
 
 from mechsteer import kv_cache
 from mechsteer.fv.inject import function_vector, inject_dfv, inject_fv
+from mechsteer.fv.stats import interval_columns
 from mechsteer.metrics import answer_rank
 from mechsteer.tasks.fv import FVPrompts
 
@@ -99,7 +108,8 @@ def fv_layer_sweep(
 ):
     """Zero-shot accuracy with the FV added after each of ``layers`` (default: all).
 
-    Returns a DataFrame with columns ``layer, top1, top3`` (one ``top{k}`` per ``topk``).
+    Returns a DataFrame with columns ``layer, top1, top3`` (one ``top{k}`` per ``topk``),
+    then ``n, correct, top1_lo, top1_hi`` (Wilson 95% interval of top-1).
 
     >>> import torch
     >>> from mechsteer.tasks.fv import FVPrompts
@@ -108,7 +118,7 @@ def fv_layer_sweep(
     >>> p = FVPrompts("t", "zero_shot", ["x"], [model.to_tokens("Q: Rome A:")[0]],
     ...               torch.tensor([5]), [[]], [-1], [""], [""])
     >>> df = fv_layer_sweep(model, torch.zeros(64), p, progress=False)
-    >>> df.columns.tolist(), best_layer(df)
+    >>> df.columns.tolist()[:3], best_layer(df)
     (['layer', 'top1', 'top3'], 0)
     """
     import pandas as pd
@@ -122,7 +132,10 @@ def fv_layer_sweep(
         r = zero_shot_accuracy(
             model, val_prompts, lambda layer=layer: inject_fv(model, fv, layer, scale), topk, batch_size, progress=False
         )
-        rows.append({"layer": layer, **{f"top{k}": r[f"top{k}"] for k in topk}})
+        correct = int((r["rank"] < 1).sum())
+        ci = interval_columns(r["n"], correct)
+        rows.append({"layer": layer, **{f"top{k}": r[f"top{k}"] for k in topk}, "n": r["n"], "correct": correct,
+                     "top1_lo": ci["top1_lo"], "top1_hi": ci["top1_hi"]})
     return pd.DataFrame(rows)
 
 
@@ -136,7 +149,7 @@ def best_layer(sweep, by: str = "top1") -> int:
         raise ValueError(f"by={by!r} is not a column of the sweep; columns are {list(sweep.columns)}.")
     if len(sweep) == 0:
         raise ValueError("The sweep table is empty.")
-    keys = [by] + [c for c in sweep.columns if c.startswith("top") and c != by]
+    keys = [by] + [c for c in sweep.columns if c[:3] == "top" and c[3:].isdigit() and c != by]
     ranked = sweep.sort_values(keys + ["layer"], ascending=[False] * len(keys) + [True], kind="stable")
     return int(ranked["layer"].iloc[0])
 
@@ -157,7 +170,10 @@ def compare_injections(
 
     Rows ``baseline``, ``fv/<method>`` (FV of the method's heads at its layer) and
     ``dfv/<method>`` (``inject_dfv`` in ``mode``), with columns ``name, injection, method,
-    layer, n_heads, top1, top3``. ``mean_z`` is (layer, head, d_head); an int
+    layer, n_heads, top1, top3``, then ``n, correct, wins, losses`` (items right only with
+    the injection / only unsteered) and the 95% intervals ``top1_lo, top1_hi`` (Wilson) and
+    ``gain, gain_lo, gain_hi`` (top-1 minus the baseline's on the same items, Newcombe's
+    paired interval; 0 for the baseline row). ``mean_z`` is (layer, head, d_head); an int
     ``fv_layer_by_method`` is used for every method.
     """
     import pandas as pd
@@ -171,10 +187,17 @@ def compare_injections(
         raise ValueError(f"No FV layer for methods {missing}: pick them with fv_layer_sweep + best_layer.")
     topk = _check_topk(topk)
 
+    base_right: list[Tensor] = []
+
     def row(name, injection, method, layer, n_heads, steer):
         r = zero_shot_accuracy(model, test_prompts, steer, topk, batch_size, progress=False)
+        right = r["rank"] < 1
+        if not base_right:
+            base_right.append(right)  # the baseline runs first
+        wins, losses = int((right & ~base_right[0]).sum()), int((~right & base_right[0]).sum())
         return dict(name=name, injection=injection, method=method, layer=layer, n_heads=n_heads,
-                    **{f"top{k}": r[f"top{k}"] for k in topk})
+                    **{f"top{k}": r[f"top{k}"] for k in topk}, n=r["n"], correct=int(right.sum()),
+                    wins=wins, losses=losses, **_intervals(r["n"], int(right.sum()), wins, losses))
 
     jobs = [("baseline", "none", None, None, 0, None)]
     for method, heads in heads_by_method.items():
@@ -188,6 +211,35 @@ def compare_injections(
     df = pd.DataFrame(rows)
     df["layer"] = df["layer"].astype("Int64")
     return df
+
+
+def _intervals(n: int, correct: int, wins: int, losses: int) -> dict[str, float]:
+    ci = interval_columns(n, correct, wins, losses)
+    return {k: ci[k] for k in ("top1_lo", "top1_hi", "gain", "gain_lo", "gain_hi")}
+
+
+def pool(accuracy, by: Sequence[str] = ("name",)):
+    """Rows of ``compare_injections`` tables (e.g. one per task) pooled over items: counts
+    added per ``by`` group, top-1 = pooled correct / pooled n, the intervals recomputed
+    from the pooled counts; ``top3`` is the n-weighted mean. Columns: ``by``, ``n, top1,
+    top1_lo, top1_hi, gain, gain_lo, gain_hi, top3``.
+
+    >>> import pandas as pd
+    >>> df = pd.DataFrame({"name": ["baseline", "fv", "baseline", "fv"], "n": [50, 50, 50, 50],
+    ...                    "correct": [5, 20, 10, 30], "wins": [0, 16, 0, 22], "losses": [0, 1, 0, 2],
+    ...                    "top3": [0.2, 0.5, 0.3, 0.7]})
+    >>> pool(df).round(2)[["name", "n", "top1", "gain"]].values.tolist()
+    [['baseline', 100, 0.15, 0.0], ['fv', 100, 0.5, 0.35]]
+    """
+    import pandas as pd
+
+    rows = []
+    for key, g in accuracy.groupby(list(by), sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        n, c, w, l = (int(g[col].sum()) for col in ("n", "correct", "wins", "losses"))
+        top3 = {"top3": float((g["top3"] * g["n"]).sum() / n)} if "top3" in g else {}
+        rows.append({**dict(zip(by, key)), "n": n, "top1": c / n, **_intervals(n, c, w, l), **top3})
+    return pd.DataFrame(rows)
 
 
 def steered_continuations(

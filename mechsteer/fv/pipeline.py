@@ -1,31 +1,44 @@
-"""Function vectors end to end (paper 000, Sec. 3-4): data -> heads -> injection -> accuracy.
+"""Function vectors end to end (papers 004 and 000): data -> heads -> injection -> accuracy.
 
-``run_fv`` follows the paper's recipe for each task:
+``run_fv`` runs one of two protocols (``FVConfig.protocol``; the prompts and splits are
+``mechsteer.fv.protocol``):
 
-1. instruction prompts ("{instruction}\\nQ: {input}\\nA:"), the inputs split into a
-   held-out part (for the zero-shot validation and test prompts) and the rest;
-2. the instructions that the model answers correctly most often are kept, and of the
-   remaining inputs only the items it answers correctly (top-1) with the instruction;
-3. mean head activations ``mean_z`` over ``n_queries`` filtered prompts per instruction;
-4. head scores on ``n_cie`` prompts per instruction: AIE (fast mode) and AtP on the
-   corrupted prompts (instruction replaced by neutral tokens), AttnLRP relevance of the
-   attention from the last position to the intensional frame on the clean ones; global
-   scores average the tasks;
-5. top-k heads per method (global, and per task), FV layer picked on the validation
-   prompts (accuracy averaged over tasks), then zero-shot top-1/top-3 accuracy on the test
-   prompts: unsteered, FV and DFV, for every selection method;
-6. samples per minute of naive AIE (on ``naive_samples`` prompts, timed on
-   ``naive_layers`` layers and scaled to all), fast AIE, LRP and AtP.
+- ``"icl"`` (default; Todd et al., 004): ``n_shots``-shot in-context prompts (10 in the
+  paper) of the train items, filtered to those the model answers correctly, give the mean
+  head activations ``mean_z``; the AIE scores heads on the same prompts with shuffled
+  demonstration labels. This is the setting function vectors were defined in, and the one
+  SmolLM2-135M-Instruct does well (top-1 0.6-0.9 with 10 demonstrations on most tasks).
+- ``"instruction"`` (paper 000): instruction prompts (``style``: raw, chat, or "auto" =
+  chat when the tokenizer has a template); the instructions the model answers correctly
+  most often are kept (ranked on train items only), and the instruction is replaced by
+  random ordinary words for the AIE (paper 000 samples "token sequences unrelated to the
+  task but equiprobable to the task description"; mechsteer draws words from a fixed
+  neutral pool of the same token length, without matching their probability).
+
+Either way: held-out items (never in an extraction prompt) that the model answers
+correctly *with* the demonstrations / instruction are the validation (``n_val``, picks the
+FV layer) and test (``n_test``) sets, evaluated **zero-shot in the extraction prompts'
+format** (the query alone: ``"Q: {x}\\nA:"`` for ICL, the instruction prompt without its
+instruction otherwise). Head scores: AIE (fast mode, same numbers as the paper's naive
+loop), AttnLRP relevance of the last position's attention to the intensional frame (for
+ICL: to the demonstration outputs) and AtP; global scores average the tasks. Top-k heads
+per method (global and per task) are injected as FV (at the layer best on validation) and
+DFV; every accuracy has its n, a Wilson 95% interval, and the gain over the baseline a
+paired Newcombe interval (``mechsteer.fv.stats``). Samples per minute of naive AIE (on
+``naive_samples`` prompts and ``naive_layers`` layers, scaled to all), fast AIE, LRP, AtP.
 
 ``FVRun.summary()`` holds ``accuracy`` (baseline, fv/dfv per method), ``samples_per_minute``
-and the top-k heads; ``FVRun.write(out)`` writes figures, tables and ``summary.json``.
+and the top-k heads; ``FVRun.accuracy_table()`` has the CI columns; ``FVRun.write(out)``
+writes figures, tables and ``summary.json``. ``FVConfig.paper(tasks)`` is the setting of
+the demo, notebook 03 and the replication report.
 
 >>> from mechsteer.tiny import tiny_model
->>> run = run_fv(tiny_model("gpt2"), FVConfig(tasks=("capitalize",), n_instructions=2, n_queries=3,
-...              n_cie=2, n_test=4, k=3, pool=4,
-...              filter=False, lrp_max_rank=10**6, progress=False))
+>>> run = run_fv(tiny_model("gpt2"), FVConfig(tasks=("capitalize",), n_shots=3, n_train=8, n_queries=3,
+...              n_cie=2, n_val=2, n_test=4, k=3, filter=False, lrp_max_rank=10**6, progress=False))
 >>> sorted(run.summary()["samples_per_minute"])
 ['aie', 'aie_naive', 'atp', 'lrp']
+>>> list(run.accuracy_table().columns)
+['name', 'n', 'top1', 'top1_lo', 'top1_hi', 'gain', 'gain_lo', 'gain_hi', 'top3']
 """
 
 from __future__ import annotations
@@ -38,54 +51,59 @@ from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
-import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from mechsteer import _io
 from mechsteer._validate import finite_float, nonneg_int, positive_int
 from mechsteer.attribution.compare import compare
 from mechsteer.attribution.result import AttributionResult
-from mechsteer.fv.evaluate import (
-    best_layer,
-    compare_injections,
-    fv_layer_sweep,
-    steered_continuations,
-)
+from mechsteer.fv.evaluate import best_layer, compare_injections, fv_layer_sweep, pool, steered_continuations
 from mechsteer.fv.indirect_effect import aie, aie_global
 from mechsteer.fv.inject import function_vector, inject_dfv, inject_fv, top_heads
 from mechsteer.fv.means import mean_head_z
 from mechsteer.fv.plots import accuracy_figure, head_scores_figure, sweep_figure
+from mechsteer.fv.protocol import PROTOCOLS, TaskData, prepare_icl, prepare_instruction, split_pairs
 from mechsteer.fv.scores import atp_head_scores, lrp_head_scores, rank_correlation
+from mechsteer.fv.stats import wilson
 from mechsteer.plots import figures_page
-from mechsteer.tasks.fv import (
-    FV_TASKS,
-    FVPrompts,
-    corrupt,
-    filter_correct,
-    fv_prompts,
-    instruction_accuracy,
-    select_tasks,
-)
+from mechsteer.tasks.fv import FV_TASKS, instruction_accuracy, select_tasks
 
 SELECTIONS = ("aie", "lrp", "atp")
 INJECTIONS = ("fv", "dfv")
+# Tasks FVConfig.paper() runs by default: where FV/DFV raise SmolLM2's zero-shot top-1 (see README).
+PAPER_TASKS = ("antonym", "capitalize", "present-past")
 
 
 @dataclass(frozen=True)
 class FVConfig:
-    """Settings of ``run_fv`` (paper 000 Sec. 4 defaults where it gives them)."""
+    """Settings of ``run_fv`` (papers 004 / 000 defaults where they give them).
+
+    ``protocol="icl"`` is the default: function vectors are Todd et al.'s in-context
+    construct (the papers' zero-shot claim is that an FV restores a task demonstrated in
+    context), and SmolLM2-135M follows 10-shot prompts on most tasks, while it passes paper
+    000's instruction filter only in its chat template. ``FVConfig.paper(tasks)``: the
+    preset of the demo, notebook 03 and the replication report.
+
+    >>> FVConfig(protocol="icl").n_shots
+    10
+    """
 
     tasks: tuple[str, ...] | None = None  # None: every task in FV_TASKS
-    style: str = "auto"  # "instruction", "chat", or "auto": chat when the tokenizer has a chat template
+    protocol: str = "icl"  # "icl" (Todd et al., 004) or "instruction" (paper 000)
+    n_shots: int = 10  # demonstrations per ICL extraction prompt (Todd et al.: 10)
+    style: str = "auto"  # instruction protocol: "instruction", "chat", or "auto" (chat when the tokenizer has a template)
     select: tuple[str, ...] = SELECTIONS  # head-selection methods
     inject: tuple[str, ...] = INJECTIONS  # "fv" (one layer) and/or "dfv" (distributed)
-    k: int = 20  # top-k heads
-    n_instructions: int = 5  # instructions kept per task (paper: 5)
-    n_queries: int = 20  # filtered prompts per instruction for mean_z (paper: 20)
-    n_cie: int = 5  # prompts per instruction scored by AIE / LRP / AtP (paper: 5)
-    n_test: int = 20  # held-out inputs per task: half validation (FV layer), half test
-    min_correct: int = 20  # an instruction needs this many correct items (paper: 20)
-    pool: int = 60  # items per instruction tried when ranking instructions
+    k: int = 10  # top-k heads (Todd et al.: 10)
+    n_train: int = 30  # inputs used for extraction (queries and demonstrations; instruction ranking)
+    n_instructions: int = 5  # instruction protocol: instructions kept per task (paper 000: 5)
+    n_queries: int = 20  # filtered extraction prompts (per instruction) for mean_z (paper 000: 20)
+    n_cie: int = 10  # extraction prompts (per instruction) scored by AIE / LRP / AtP (paper 000: 5 per instruction)
+    n_val: int = 10  # held-out items, answered correctly in context, that pick the FV layer
+    n_test: int = 50  # held-out test items, answered correctly in context (fewer when the task runs out)
+    min_correct: int = 20  # instruction protocol: correct items an instruction needs (paper 000: 20)
+    pool: int = 60  # instruction protocol: train items per instruction tried when ranking instructions
     sweep_layers: tuple[int, ...] | None = None  # FV layers tried (None: all)
     scale: float = 1.0  # injection scale
     naive_samples: int = 1  # prompts timed with naive AIE (one forward per head each)
@@ -95,11 +113,26 @@ class FVConfig:
     seed: int = 0
     progress: bool = True
 
+    @classmethod
+    def paper(cls, tasks: Sequence[str] = PAPER_TASKS, **overrides: Any) -> "FVConfig":
+        """Todd et al.'s ICL protocol at a size SmolLM2 runs in a few minutes per task on a
+        CPU: 10-shot extraction prompts, top-10 heads, 20 prompts for mean_z, 10 for the head
+        scores, 10 validation and 50 test items (filtered), naive AIE timed on 1 layer.
+
+        >>> FVConfig.paper().protocol, FVConfig.paper().n_test
+        ('icl', 50)
+        """
+        base = dict(tasks=tuple(tasks), protocol="icl", n_shots=10, k=10, n_train=30, n_queries=20, n_cie=10,
+                    n_val=10, n_test=50, naive_layers=1)
+        return cls(**{**base, **overrides})
+
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
-        for name in ("k", "n_instructions", "n_queries", "n_cie", "n_test", "pool", "naive_samples", "lrp_max_rank"):
+        for name in ("k", "n_instructions", "n_queries", "n_cie", "n_test", "n_val", "n_train", "pool",
+                     "naive_samples", "lrp_max_rank"):
             set_(name, positive_int(name, getattr(self, name)))  # bools refused
         set_("min_correct", nonneg_int("min_correct", self.min_correct))
+        set_("n_shots", nonneg_int("n_shots", self.n_shots))
         if self.naive_layers is not None:
             set_("naive_layers", positive_int("naive_layers", self.naive_layers))
         set_("scale", finite_float("scale", self.scale))
@@ -116,24 +149,12 @@ class FVConfig:
         bad = [s for s in self.select if s not in SELECTIONS] + [i for i in self.inject if i not in INJECTIONS]
         if bad or not self.select or not self.inject:
             raise ValueError(f"select must come from {SELECTIONS} and inject from {INJECTIONS}; got {self.select}, {self.inject}.")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}.")
         if self.style not in ("auto", "instruction", "chat"):
             raise ValueError(f"style must be 'auto', 'instruction' or 'chat', got {self.style!r}.")
-        if self.n_test < 2:
-            raise ValueError(f"n_test must be >= 2 (half validation, half test), got {self.n_test}.")
-
-
-@dataclass
-class TaskData:
-    """One task's prompts: filtered instruction prompts, corrupted ones, zero-shot val/test."""
-
-    name: str
-    instructions: list[int]
-    clean: FVPrompts  # filtered, for mean_z
-    scored: FVPrompts  # the n_cie per instruction scored by AIE / LRP / AtP
-    corrupted: FVPrompts
-    val: FVPrompts  # zero-shot, held-out inputs
-    test: FVPrompts
-    accuracy: float  # top-1 with the kept instructions, before filtering
+        if self.protocol == "icl" and self.n_shots < 1:
+            raise ValueError(f"n_shots must be >= 1 for protocol='icl' (demonstrations per prompt), got {self.n_shots}.")
 
 
 @dataclass
@@ -155,10 +176,13 @@ class FVRun:
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def accuracy_table(self, heads: str = "global") -> pd.DataFrame:
-        """Mean top-1 / top-3 over tasks per injection row, for ``heads`` global or task."""
+    def accuracy_table(self, heads: str = "global", by_task: bool = False) -> pd.DataFrame:
+        """Zero-shot test accuracy per injection row (``heads`` "global" or "task" head
+        sets; the baseline always), pooled over the tasks' items, or per task with
+        ``by_task``: ``n, top1, top1_lo, top1_hi`` (Wilson 95%), ``gain, gain_lo, gain_hi``
+        (minus the baseline on the same items, Newcombe's paired 95% interval), ``top3``."""
         df = self.accuracy[self.accuracy["heads"].isin([heads, "none"])]
-        return df.groupby("name", sort=False)[["top1", "top3"]].mean().reset_index()
+        return pool(df, by=("task", "name") if by_task else ("name",))
 
     def summary(self) -> dict[str, Any]:
         """accuracy (baseline, fv/dfv per method; global and per-task heads), samples per
@@ -166,6 +190,7 @@ class FVRun:
         acc: dict[str, Any] = {}
         for heads in ("global", "task"):
             t = self.accuracy_table(heads).set_index("name")
+            t = t[["top1", "top1_lo", "top1_hi", "gain", "gain_lo", "gain_hi", "top3", "n"]]
             acc[heads] = {"baseline": t.loc["baseline"].to_dict()} if "baseline" in t.index else {}
             for inj in self.config.inject:
                 acc[heads][inj] = {m: t.loc[f"{inj}/{m}"].to_dict() for m in self.config.select if f"{inj}/{m}" in t.index}
@@ -216,60 +241,26 @@ def head_frame(results: dict[str, AttributionResult]) -> pd.DataFrame:
     return pd.concat([r.to_frame().assign(method=m) for m, r in results.items()], ignore_index=True)
 
 
-def _by_instruction(p: FVPrompts, per: int, skip: int = 0) -> list[int]:
-    """Indices of up to ``per`` prompts per instruction, after skipping ``skip`` of each."""
-    seen: dict[int, int] = {}
-    out = []
-    for i, ins in enumerate(p.instructions):
-        c = seen.get(ins, 0)
-        if skip <= c < skip + per:
-            out.append(i)
-        seen[ins] = c + 1
-    return out
-
-
 def prompt_style(model, cfg: FVConfig) -> str:
-    """The prompt style: ``cfg.style``, or for "auto" the model's chat template when it has
-    one (instruct models; SmolLM2-135M-Instruct passes the filter only this way), else
-    "{instruction}\\nQ: {input}\\nA:"."""
+    """The extraction prompts' style: "icl" for the ICL protocol; else ``cfg.style``, or
+    for "auto" the model's chat template when it has one (instruct models; SmolLM2-135M-
+    Instruct passes paper 000's instruction filter only this way), else "instruction"."""
+    if cfg.protocol == "icl":
+        return "icl"
     if cfg.style != "auto":
         return cfg.style
     return "chat" if getattr(model.tokenizer, "chat_template", None) else "instruction"
-
-
-def prepare_task(model, task: str, instructions: Sequence[int], cfg: FVConfig) -> TaskData:
-    """Held-out zero-shot val/test prompts, filtered instruction prompts, corrupted ones."""
-    zero = fv_prompts(model, task, style="zero_shot", seed=cfg.seed)
-    inputs = sorted(set(zero.inputs))
-    g = torch.Generator().manual_seed(cfg.seed)
-    order = [inputs[i] for i in torch.randperm(len(inputs), generator=g).tolist()]
-    held = order[: cfg.n_test]
-    if len(order) - len(held) < 2:
-        raise ValueError(f"Task {task!r} has {len(inputs)} inputs; n_test={cfg.n_test} leaves too few to build FVs.")
-    val_in, test_in = set(held[: len(held) // 2]), set(held[len(held) // 2 :])
-    pick = lambda p, keep: p.subset([i for i, x in enumerate(p.inputs) if x in keep])  # noqa: E731
-    prompts = fv_prompts(model, task, style=prompt_style(model, cfg), instructions=list(instructions), seed=cfg.seed)
-    train = pick(prompts, set(order[cfg.n_test :]))
-    kept, info = filter_correct(model, train, progress=False, share_prefix=True)  # unsteered: the prefix runs once
-    if not cfg.filter:
-        kept = train
-    if len(kept) == 0:
-        raise ValueError(f"The model answers no {task!r} instruction prompt correctly; drop this task.")
-    clean = kept.subset(_by_instruction(kept, cfg.n_queries))
-    scored = kept.subset(_by_instruction(kept, cfg.n_cie))
-    return TaskData(task, list(instructions), clean, scored, corrupt(model, scored, seed=cfg.seed),
-                    pick(zero, val_in), pick(zero, test_in), info["accuracy"])
 
 
 def _samples_per_minute(r: AttributionResult) -> float:
     return float(r.meta.get("samples_per_minute", float("nan")))
 
 
-def run_fv(model, config: FVConfig = FVConfig()) -> FVRun:
-    """Paper 000's pipeline on ``config.tasks``: see the module docstring."""
-    cfg, t0 = config, time.perf_counter()
-    tasks = list(cfg.tasks) if cfg.tasks is not None else list(FV_TASKS)
-    table = instruction_accuracy(model, tasks, style=prompt_style(model, cfg), n=cfg.pool, seed=cfg.seed,
+def _instruction_tasks(model, tasks, cfg) -> tuple[pd.DataFrame, dict[str, TaskData]]:
+    """Paper 000's instruction ranking (on train items only) and task filter, then the prompts."""
+    style = prompt_style(model, cfg)
+    train = {t: split_pairs(t, cfg.n_train, cfg.seed)[0] for t in tasks}
+    table = instruction_accuracy(model, tasks, style=style, n=cfg.pool, seed=cfg.seed, items=train,
                                  progress=cfg.progress, share_prefix=True)
     chosen = select_tasks(table, min_correct=cfg.min_correct, n_instructions=cfg.n_instructions)
     if not cfg.filter:
@@ -280,7 +271,23 @@ def run_fv(model, config: FVConfig = FVConfig()) -> FVRun:
             f"correct of {cfg.pool}); lower min_correct / n_instructions. Per-instruction accuracy:\n"
             + table.to_string(index=False)
         )
-    data = {t: prepare_task(model, t, ins, cfg) for t, ins in chosen.items()}
+    return table, {t: prepare_instruction(model, t, ins, style, cfg) for t, ins in chosen.items()}
+
+
+def _icl_tasks(model, tasks, cfg) -> tuple[pd.DataFrame, dict[str, TaskData]]:
+    """Todd et al.'s prompts per task; the table holds each task's ICL accuracy (train items)."""
+    data = {t: prepare_icl(model, t, cfg) for t in tqdm(tasks, desc="ICL prompts", disable=not cfg.progress)}
+    table = pd.DataFrame([{"task": t, "instruction": -1, "text": f"{cfg.n_shots}-shot ICL", "n": len(d.clean),
+                           "accuracy": d.accuracy, "n_val": len(d.val), "n_test": len(d.test)} for t, d in data.items()])
+    return table, data
+
+
+def run_fv(model, config: FVConfig = FVConfig()) -> FVRun:
+    """The function-vector pipeline on ``config.tasks`` (``config.protocol``): see the
+    module docstring. Returns an ``FVRun``."""
+    cfg, t0 = config, time.perf_counter()
+    tasks = list(cfg.tasks) if cfg.tasks is not None else list(FV_TASKS)
+    table, data = (_icl_tasks if cfg.protocol == "icl" else _instruction_tasks)(model, tasks, cfg)
     mean_z = {t: mean_head_z(model, d.clean, progress=False) for t, d in data.items()}
     kw = {"progress": cfg.progress}
     scores: dict[str, dict[str, AttributionResult]] = {m: {} for m in cfg.select}
@@ -314,15 +321,23 @@ def run_fv(model, config: FVConfig = FVConfig()) -> FVRun:
 
 
 def _layer_sweep(model, data, mean_z, heads, cfg) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Per method: FV top-1/top-3 on the validation prompts for each layer, mean over tasks."""
+    """Per method: FV top-1/top-3 on the validation prompts for each layer, pooled over
+    tasks' items (n, top1 with its Wilson interval)."""
     rows = []
     for m, hs in heads.items():
         for t, d in data.items():
             fv = function_vector(model, mean_z[t], hs)
             sw = fv_layer_sweep(model, fv, d.val, layers=cfg.sweep_layers, scale=cfg.scale, progress=False)
             rows.append(sw.assign(method=m, task=t))
-    sweep = pd.concat(rows, ignore_index=True).groupby(["method", "layer"], sort=False)[["top1", "top3"]].mean().reset_index()
-    return sweep, {m: best_layer(sweep[sweep["method"] == m].drop(columns="method")) for m in heads}
+    per_task = pd.concat(rows, ignore_index=True)
+    sweep = per_task.groupby(["method", "layer"], sort=False).apply(_pooled_row, include_groups=False).reset_index()
+    return sweep, {m: best_layer(sweep[sweep["method"] == m][["layer", "top1", "top3"]]) for m in heads}
+
+
+def _pooled_row(g: pd.DataFrame) -> pd.Series:
+    n, c = int(g["n"].sum()), int(g["correct"].sum())
+    lo, hi = wilson(c, n)
+    return pd.Series({"top1": c / n, "top3": float((g["top3"] * g["n"]).sum() / n), "n": n, "top1_lo": lo, "top1_hi": hi})
 
 
 def _evaluate(model, data, mean_z, heads, scores, fv_layer, cfg) -> pd.DataFrame:

@@ -17,8 +17,12 @@ Prompt styles (``fv_prompts``); the answer is always the first token of ``" {out
 - ``"icl"``: ``n_shots`` demonstrations ``"Q: {x}\\nA: {y}\\n\\n"`` then
   ``"Q: {input}\\nA:"`` (Todd et al.). No instruction, so ``frames`` are empty;
   ``demo_positions`` holds each demonstration output's token positions.
-- ``"zero_shot"``: ``"\\nQ: {input}\\nA:"``, the instruction prompt without its instruction
-  (where FVs are evaluated).
+- ``"zero_shot"``: ``"\\nQ: {input}\\nA:"``, the instruction prompt without its instruction;
+  ``"chat_zero_shot"``: the chat prompt without its instruction; ``"icl"`` with
+  ``n_shots=0``: ``"Q: {input}\\nA:"``, the ICL prompt without its demonstrations.
+  ``ZERO_SHOT_OF[style]`` names the zero-shot prompt in each extraction style's own
+  format: FVs are evaluated there (``mechsteer.fv.protocol``), so extraction and
+  evaluation never differ in format.
 
 ``corrupt`` builds the *uninformative* prompts of the AIE (paper 000, Sec. 3.1): the
 instruction's tokens are replaced by as many tokens drawn from a pool of ordinary words
@@ -59,6 +63,7 @@ from mechsteer.tasks.fv.prompts import (
     DEMO_TEMPLATE,
     INSTRUCTION_TEMPLATE,
     STYLES,
+    ZERO_SHOT_OF,
     ZERO_SHOT_TEMPLATE,
     FVPrompts,
     fv_prompts,
@@ -70,6 +75,7 @@ __all__ = [
     "INSTRUCTION_TEMPLATE",
     "NEUTRAL_WORDS",
     "STYLES",
+    "ZERO_SHOT_OF",
     "ZERO_SHOT_TEMPLATE",
     "FVPrompts",
     "FVTask",

@@ -98,10 +98,13 @@ def instruction_accuracy(
     batch_size: int = 32,
     progress: bool = True,
     share_prefix: bool = False,
+    items: Mapping[str, Sequence[int]] | None = None,
 ) -> pd.DataFrame:
     """Top-1 and top-3 accuracy per (task, instruction) on ``n`` items per instruction
     (``instruction = -1`` for styles without one); ``instructions[task]``: the indices to
-    run (default all). Columns: task, instruction, text, n, correct, accuracy, top3.
+    run (default all); ``items[task]``: the pair indices to draw the ``n`` items from
+    (default all; e.g. the train side of a held-out split). Columns: task, instruction,
+    text, n, correct, accuracy, top3.
 
     >>> from mechsteer.tiny import tiny_model
     >>> df = instruction_accuracy(tiny_model("gpt2"), ["antonym"], n=2, progress=False)
@@ -111,7 +114,7 @@ def instruction_accuracy(
     rows = []
     for name in tqdm(list(tasks or FV_TASKS), desc="tasks", disable=not progress):
         which = (instructions or {}).get(name)
-        p = fv_prompts(model, name, style=style, n=n, instructions=which, seed=seed)
+        p = fv_prompts(model, name, style=style, n=n, instructions=which, seed=seed, items=(items or {}).get(name))
         top3 = top_k_predictions(model, p, 3, batch_size, progress=False, share_prefix=share_prefix)
         hit1 = top3[:, 0] == p.answers
         hit3 = (top3 == p.answers[:, None]).any(-1)

@@ -3,7 +3,11 @@
 Styles (``fv_prompts``); the answer is always the first token of ``" {output}"``:
 ``"instruction"`` (``"{instruction}\\nQ: {input}\\nA:"``), ``"chat"`` (the model's chat
 template around ``"{instruction}\\nQ: {input}"``, then ``"A:"``), ``"icl"`` (``n_shots``
-demonstrations, no instruction) and ``"zero_shot"`` (the query alone). Frames are located in
+demonstrations, no instruction; ``n_shots=0`` is the ICL query alone, ``"Q: {input}\\nA:"``),
+``"zero_shot"`` (the instruction prompt without its instruction, ``"\\nQ: {input}\\nA:"``) and
+``"chat_zero_shot"`` (the chat prompt without its instruction). ``ZERO_SHOT_OF`` maps each
+extraction style to the zero-shot prompt in its own format, where function vectors are
+evaluated. Frames are located in
 the tokenised prompt through the tokenizer's character offsets; a frame that no token
 covers is an error.
 """
@@ -24,7 +28,10 @@ from torch import Tensor
 from mechsteer._validate import nonneg_int, positive_int
 from mechsteer.tasks.fv.data import FVTask, load_task
 
-STYLES = ("instruction", "chat", "icl", "zero_shot")
+STYLES = ("instruction", "chat", "icl", "zero_shot", "chat_zero_shot")
+# Extraction style -> (zero-shot style, n_shots) in the same format: the prompt minus its
+# instruction, or minus its demonstrations.
+ZERO_SHOT_OF = {"instruction": ("zero_shot", 0), "chat": ("chat_zero_shot", 0), "icl": ("icl", 0)}
 INSTRUCTION_TEMPLATE = "{instruction}\nQ: {input}\nA:"
 ZERO_SHOT_TEMPLATE = "\nQ: {input}\nA:"
 DEMO_TEMPLATE = "Q: {input}\nA: {output}\n\n"
@@ -40,7 +47,9 @@ class FVPrompts:
     " {output}". ``frames[n]`` are the token positions of the instruction's intensional
     frame in prompt n (empty when the prompt has no instruction, e.g. zero-shot).
     ``instruction_positions[n]``: all token positions of the instruction (what ``corrupt``
-    replaces); ``demo_positions[n][k]``: token positions of demonstration k's output (ICL).
+    replaces); ``demo_positions[n][k]``: token positions of demonstration k's output (ICL);
+    ``pairs[n]`` / ``demo_pairs[n]``: the task's pair indices of the query and of the
+    demonstrations (what held-out splits are checked on).
     """
 
     task: str
@@ -55,6 +64,8 @@ class FVPrompts:
     meta: dict[str, Any] = field(default_factory=dict)
     instruction_positions: list[list[int]] = field(default_factory=list)  # empty list: not recorded
     demo_positions: list[list[list[int]]] = field(default_factory=list)  # ICL only
+    pairs: list[int] = field(default_factory=list)  # the task's pair index queried by each prompt
+    demo_pairs: list[list[int]] = field(default_factory=list)  # pair indices of each prompt's demonstrations
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -81,6 +92,8 @@ class FVPrompts:
             meta=dict(self.meta),
             instruction_positions=pick(self.instruction_positions),
             demo_positions=pick(self.demo_positions),
+            pairs=pick(self.pairs),
+            demo_pairs=pick(self.demo_pairs),
         )
 
     def batches(self, batch_size: int = 32) -> Iterator[tuple[list[int], Int[Tensor, "batch pos"]]]:
@@ -139,6 +152,8 @@ def _render(style, task, i, x, demos, chat) -> tuple[str, tuple[int, int] | None
     """Prompt text, the instruction's character span, and the demonstration outputs' spans."""
     if style == "zero_shot":
         return ZERO_SHOT_TEMPLATE.format(input=x), None, []
+    if style == "chat_zero_shot":
+        return chat[0] + f"Q: {x}" + chat[1] + "A:", None, []
     if style == "icl":
         text, spans = "", []
         for dx, dy in demos:
@@ -163,10 +178,15 @@ def fv_prompts(
     instructions: Sequence[int] | None = None,
     n_shots: int = 5,
     seed: int = 0,
+    items: Sequence[int] | None = None,
+    demo_items: Sequence[int] | None = None,
 ) -> FVPrompts:
     """Prompts of ``task`` in ``style`` for ``model``'s tokenizer: ``n`` items (shuffled by
     ``seed``; all if None) for each instruction index in ``instructions`` (default all;
     instruction and chat styles only), instruction-major. Answer = first token of " {output}".
+    ``items``: the pair indices to query, in this order (instead of the shuffled pairs);
+    ``demo_items``: the pair indices ICL demonstrations are drawn from (default: all pairs
+    but the query), so held-out items can be kept out of every demonstration.
 
     >>> from mechsteer.tiny import tiny_model
     >>> model = tiny_model("gpt2")
@@ -196,7 +216,12 @@ def fv_prompts(
     rng = random.Random(seed)
     order = list(range(len(t.pairs)))
     rng.shuffle(order)
-    items = order if n is None else order[:n]
+    for name, idx in (("items", items), ("demo_items", demo_items)):
+        if idx is not None and not all(0 <= int(i) < len(t.pairs) for i in idx):
+            raise ValueError(f"{name} must be pair indices of task {t.name!r} in 0..{len(t.pairs) - 1}, got {list(idx)}.")
+    order_q = order if items is None else [int(i) for i in items]
+    demo_pool = order if demo_items is None else [int(i) for i in demo_items]
+    items = order_q if n is None else order_q[:n]
     if style in ("instruction", "chat"):
         which = list(range(len(t.instructions))) if instructions is None else [int(i) for i in instructions]
         bad = [i for i in which if not 0 <= i < len(t.instructions)]
@@ -207,18 +232,21 @@ def fv_prompts(
         if instructions is not None:
             raise ValueError(f"Style {style!r} has no instruction; leave instructions=None.")
         jobs = [(-1, j) for j in items]
-    if style == "icl" and not 1 <= n_shots < len(t.pairs):
-        raise ValueError(f"n_shots must be in 1..{len(t.pairs) - 1} for task {t.name!r}, got {n_shots}.")
-    chat = _chat_parts(model.tokenizer) if style == "chat" else None
+    if style == "icl" and not 0 <= n_shots < len(t.pairs):
+        raise ValueError(f"n_shots must be in 0..{len(t.pairs) - 1} for task {t.name!r}, got {n_shots}.")
+    if style == "icl" and n_shots and any(len([k for k in demo_pool if k != j]) < n_shots for _, j in jobs):
+        raise ValueError(f"demo_items holds {len(demo_pool)} pairs: too few for {n_shots} demonstrations per query.")
+    chat = _chat_parts(model.tokenizer) if style in ("chat", "chat_zero_shot") else None
     demo_rng = random.Random(seed + 1)
-    rows, dropped = [], Counter()
+    rows, dropped, used = [], Counter(), []
     for i, j in jobs:
         x, y = t.pairs[j]
         answer = model.tokenizer(" " + y, add_special_tokens=False)["input_ids"]
         if not answer:
             dropped["empty_answer"] += 1
             continue
-        demos = [t.pairs[k] for k in demo_rng.sample([k for k in order if k != j], n_shots)] if style == "icl" else []
+        demo_idx = demo_rng.sample([k for k in demo_pool if k != j], n_shots) if style == "icl" else []
+        demos = [t.pairs[k] for k in demo_idx]
         text, span, demo_spans = _render(style, t, i, x, demos, chat)
         ids, offs = _encode(model, text)
         frames, instr_pos = [], []
@@ -235,6 +263,7 @@ def fv_prompts(
                 frames += pos
         demo_pos = [_covering(offs, s, e, inside=True) for s, e in demo_spans]
         rows.append((text, ids, answer[0], sorted(set(frames)), i, x, y, instr_pos, demo_pos))
+        used.append((j, demo_idx))
     if not rows:
         raise ValueError(f"Task {t.name!r}: no usable item for this tokenizer (dropped: {dict(dropped)}).")
     texts, ids, answers, frames, instr, xs, ys, instr_pos, demo_pos = map(list, zip(*rows))
@@ -252,5 +281,7 @@ def fv_prompts(
               "instruction_texts": [ins.text for ins in t.instructions]},
         instruction_positions=instr_pos,
         demo_positions=demo_pos if style == "icl" else [],
+        pairs=[j for j, _ in used],
+        demo_pairs=[d for _, d in used],
     )
 
