@@ -104,7 +104,7 @@ def replicate(model, config: ReplicateConfig = ReplicateConfig(), *, command: st
               log: Callable[[str], None] = lambda msg: None) -> ReplicationRun:
     """Every claim row on ``model`` (see the package docstring); ``log`` gets progress lines."""
     from mechsteer.fv.pipeline import run_fv
-    from mechsteer.replicate import fv_claims, steering
+    from mechsteer.replicate import fv_claims, scalar_claims, steering
 
     cfg, t0 = config, time.perf_counter()
 
@@ -117,6 +117,8 @@ def replicate(model, config: ReplicateConfig = ReplicateConfig(), *, command: st
     s = steering.train_all(model, cfg)
     step("paper 003: Table 2, beta sign, DynScalar lengths")
     claims += steering.table2_rows(model, s) + [steering.beta_sign_row(model, s), steering.dynscalar_length_row(model, s)]
+    step("paper 003: Sec. 6.1 attribution scores as scalars, Fig. 3 sparse alphas, Fig. 7 heads vs DLA")
+    claims += scalar_claims.sec61_rows(model, s) + [scalar_claims.sparse_row(model, s), scalar_claims.heads_vs_dla_row(model, s)]
     step("papers 000/004: function vectors")
     run = run_fv(model, _fv_config(model, cfg))
     tables["FV accuracy"] = run.accuracy.drop(columns=[c for c in ("layer",) if c in run.accuracy])
