@@ -57,6 +57,11 @@ def test_ccc_templates_on_smollm2(smollm2):
     assert len({ds.n_pos for ds in sets}) == len(CCC_TEMPLATES)
     assert all(_facts(ds) == _facts(sets[0]) for ds in sets)
     assert min(len(ds) for ds in sets) >= 32
+    from mechsteer.tasks.ccc import CCC_PARAPHRASES, ccc_paraphrase
+
+    para = ccc_paraphrase(smollm2, n=None)  # Table 2's C: the first paraphrase has template 0's length
+    assert para.n_pos == sets[0].n_pos and _facts(para) == _facts(sets[0]) and para.meta[0]["template"] == "paraphrase 0"
+    assert para.prompts[0].startswith(CCC_PARAPHRASES[0][:3])
 
 
 # --- transfer matrix --------------------------------------------------------------
@@ -124,3 +129,31 @@ def test_transfer_figure():
     assert list(transfer_figure(df, "faithfulness").data[0].text[1]) == ["-0.2", "n/a"]
     with pytest.raises(ValueError, match="no metric"):
         transfer_figure(df, "accuracy")
+
+
+# --- Table 2: template change at the same length ------------------------------------
+def test_ccc_paraphrase_same_length_same_facts_other_positions(tiny_gpt2):
+    from mechsteer.tasks.ccc import CCC_PARAPHRASES, ccc_paraphrase
+
+    base, para = ccc(tiny_gpt2, n=8), ccc_paraphrase(tiny_gpt2, n=8)
+    assert para.n_pos == base.n_pos and _facts(para) == _facts(base)
+    assert para.correct.tolist() == base.correct.tolist() and para.wrong.tolist() == base.wrong.tolist()
+    assert para.meta[0]["template"].startswith("paraphrase") and para.prompts[0] != base.prompts[0]
+    assert para.prompts[0].replace(para.meta[0]["in_context"], "{capital}").replace(
+        para.meta[0]["country"], "{country}") in CCC_PARAPHRASES
+    # the task's tokens sit elsewhere: the country of the context moves
+    pa, ba = para.position_axis("named"), base.position_axis("named")
+    assert pa.labels == ba.labels and pa.labels[0] == "country"
+    assert not torch.equal(pa.index[:, 0], ba.index[:, 0])
+
+
+def test_template_table_has_no_nan(tiny_gpt2):
+    from mechsteer.interventions.transfer import TABLE2_COLUMNS, template_table
+
+    df = template_table(tiny_gpt2, config=FAST, n=8, progress=False)
+    assert list(df.index) == ["ActivScalar", "SteerVec", "DynScalar"]
+    assert df.notna().all().all() and (df[list(TABLE2_COLUMNS)] <= 1e-6).all().all()
+    slots = template_table(tiny_gpt2, ["activ_scalar"], FAST, n=8, axis="end", template=1, progress=False)
+    assert slots.notna().all().all()
+    with pytest.raises(ValueError, match="axis='end'"):
+        template_table(tiny_gpt2, ["activ_scalar"], FAST, n=8, template=1, progress=False)

@@ -17,6 +17,10 @@ DynScalar runs everywhere: that is what it is for.
 trained on the train splits of every dataset together (``concat``: prompts of different
 lengths, right-padded) and tested on each test split, like the other rows.
 
+``template_table`` is Table 2 itself: ActivScalar, SteerVec and DynScalar trained on CCC,
+E_0 on A: train, B: test, C: a template change, which is a same-length paraphrase
+(``tasks.ccc.ccc_paraphrase``) so that token-column interventions apply, as in the paper.
+
 An optional ``"(none)"`` row holds the unsteered model (f~ = f at beta = +-1): E_0 is
 then the model's own hinge, one error counts at beta = +1 for each prompt it gets wrong
 and one at beta = -1 for each it gets right, and F = 0. Read a trained row against it.
@@ -39,7 +43,7 @@ and one at beta = -1 for each it gets right, and F = 0. Read a trained row again
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -204,3 +208,58 @@ def transfer_figure(df: pd.DataFrame, metric: str = "effectiveness", title: str 
     fig.update_traces(text=text, texttemplate="%{text}")
     fig.update_yaxes(autorange="reversed")
     return fig
+
+
+TABLE2_COLUMNS = ("A: train", "B: test", "C: templ")
+
+
+def template_table(
+    model,
+    kinds: Sequence[str] = ("activ_scalar", "steer_vec", "dyn_scalar"),
+    config: TrainConfig = TrainConfig(),
+    *,
+    sites: Sequence[str] = ("attn_out", "mlp_out"),
+    n: int | None = 64,
+    seed: int = 0,
+    test_fraction: float = 0.25,
+    axis: str = "tokens",  # ActivScalar/SteerVec parameters per token column (the paper), or "end" / "named" slots
+    template: int | None = None,  # None: ccc_paraphrase (template 0's length); an int: CCC_TEMPLATES[i] (slots only)
+    batch_size: int = 32,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Table 2: each kind trained on the CCC train split (template 0), E_0 on A: that train
+    split, B: the CCC test split, C: the test split in another template (the same facts).
+
+    Column C's default is the paper's: a paraphrase of template 0's token length
+    (``tasks.ccc.ccc_paraphrase``), where the task's tokens sit at other positions, so the
+    position-bound kinds run on token columns (``axis="tokens"``) with no NaN. With
+    ``axis="end"`` or ``"named"`` they hold one parameter per end-relative / named slot and
+    ``template=i`` may be a template of another length. Returns a DataFrame indexed by class
+    name (ActivScalar, SteerVec, DynScalar) with the three E_0 columns, the matching F columns
+    (``"F " + column``) and ``n_params``.
+
+    >>> from mechsteer.tiny import tiny_model
+    >>> df = template_table(tiny_model("gpt2"), config=TrainConfig(epochs=1, progress=False), n=8, progress=False)
+    >>> list(df.index), list(df.columns[:3]), bool(df.notna().all().all())
+    (['ActivScalar', 'SteerVec', 'DynScalar'], ['A: train', 'B: test', 'C: templ'], True)
+    """
+    from mechsteer.interventions.kinds import kind_class
+    from mechsteer.tasks.ccc import ccc, ccc_paraphrase
+
+    ds = ccc(model, n=n, seed=seed, template=0)
+    other = ccc_paraphrase(model, n=n, seed=seed) if template is None else ccc(model, n=n, seed=seed, template=template)
+    train_ds, test_ds = ds.split(test_fraction)
+    templ = other.split(test_fraction)[1]
+    rows = {}
+    for kind in tqdm(kinds, desc="Table 2", disable=not progress):
+        cls = kind_class(kind, "kinds")
+        iv = cls.for_dataset(model, ds, sites=sites, axis=axis, seed=seed)
+        if not runs_on(iv, templ):
+            raise ValueError(f"{cls.__name__} on {axis!r} positions cannot run on the template-change prompts "
+                             f"({templ.n_pos} tokens, trained on {ds.n_pos}); use template=None or axis='end'.")
+        train(model, iv, train_ds, config)
+        res = [evaluate(model, iv, d, batch_size) for d in (train_ds, test_ds, templ)]
+        rows[cls.__name__] = {**{c: r["effectiveness"] for c, r in zip(TABLE2_COLUMNS, res)},
+                              **{f"F {c}": r["faithfulness"] for c, r in zip(TABLE2_COLUMNS, res)},
+                              "n_params": iv.n_params}
+    return pd.DataFrame.from_dict(rows, orient="index")
