@@ -33,7 +33,7 @@ from typing import Any
 import pandas as pd
 
 from mechsteer import _io
-from mechsteer.interventions.base import Intervention
+from mechsteer.interventions.base import DEFAULT_INIT_STD, Intervention
 from mechsteer.interventions.evaluate import evaluate_splits
 from mechsteer.interventions.interpret import beta_sweep, dynscalar_alphas, flip_beta, steervec_geometry
 from mechsteer.interventions.io import model_record, save_intervention
@@ -131,6 +131,7 @@ def steer_task(
     config: TrainConfig = TrainConfig(),
     seed: int = 0,
     task_kwargs: dict[str, Any] | None = None,
+    init_std: float | str = DEFAULT_INIT_STD,  # App. A.1's N(0, 1e-5): std 1e-5, or "var" (std sqrt(1e-5))
 ) -> SteerRun:
     """Build ``task`` (a name, or a ContrastiveDataset used as given: ``n`` and
     ``task_kwargs`` are then ignored), train ``method`` at ``sites`` on its train split,
@@ -145,7 +146,8 @@ def steer_task(
     if len(ds) < 2:
         raise ValueError(f"Task {task!r} gave {len(ds)} prompts for this model; need at least 2 to split.")
     train_ds, test_ds = ds.split(test_fraction)
-    iv = cls.for_dataset(model, ds, sites=sites, layers=layers, positions=positions, seed=seed)  # slots on mixed lengths
+    iv = cls.for_dataset(model, ds, sites=sites, layers=layers, positions=positions, seed=seed,
+                         init_std=init_std)  # slots on mixed lengths
     t0 = time.perf_counter()
     history = train(model, iv, train_ds, config)
     metrics = evaluate_splits(model, iv, train_ds, test_ds, batch_size=config.batch_size)

@@ -216,7 +216,7 @@ TABLE2_COLUMNS = ("A: train", "B: test", "C: templ")
 def template_table(
     model,
     kinds: Sequence[str] = ("activ_scalar", "steer_vec", "dyn_scalar"),
-    config: TrainConfig = TrainConfig(),
+    config: TrainConfig | Mapping[str, TrainConfig] = TrainConfig(),  # one for all, or {kind: config}
     *,
     sites: Sequence[str] = ("attn_out", "mlp_out"),
     n: int | None = 64,
@@ -257,7 +257,7 @@ def template_table(
         if not runs_on(iv, templ):
             raise ValueError(f"{cls.__name__} on {axis!r} positions cannot run on the template-change prompts "
                              f"({templ.n_pos} tokens, trained on {ds.n_pos}); use template=None or axis='end'.")
-        train(model, iv, train_ds, config)
+        train(model, iv, train_ds, config[kind] if isinstance(config, Mapping) else config)
         res = [evaluate(model, iv, d, batch_size) for d in (train_ds, test_ds, templ)]
         rows[cls.__name__] = {**{c: r["effectiveness"] for c, r in zip(TABLE2_COLUMNS, res)},
                               **{f"F {c}": r["faithfulness"] for c, r in zip(TABLE2_COLUMNS, res)},
