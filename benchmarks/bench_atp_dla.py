@@ -12,7 +12,13 @@ the medians. Cases:
   (one forward+backward on the clean prompts, one forward on the corrupted ones);
 - ``atp_<site>``: ``attribution_patching`` for one site;
 - ``dla_<site>``: ``direct_logit_attribution`` for z, attn_out and mlp_out;
-- ``dla_terms``: the full term table (a pandas DataFrame).
+- ``dla_terms``: the full term table (a pandas DataFrame);
+- ``dla_pos_vectors``: ``dla_per_position`` (attn_out + mlp_out at every position, paper
+  003 Fig. 9); ``dla_pos_sources_z``: per head and source position (``mode="sources"``).
+
+``identities`` reports, per prompt, the largest miss of dla_per_position's identities:
+sources summed over positions vs ``direct_logit_attribution(site="z")`` and the vectors'
+last column vs the same (logits).
 
     python benchmarks/bench_atp_dla.py [--model tiny|smollm2] [--n 16] [--reps 3]
 """
@@ -25,7 +31,13 @@ import time
 
 from _common import load, machine_info, parse_args, write_result
 
-from mechsteer.attribution import attribution_patching, attribution_patching_all, direct_logit_attribution, dla_terms
+from mechsteer.attribution import (
+    attribution_patching,
+    attribution_patching_all,
+    direct_logit_attribution,
+    dla_per_position,
+    dla_terms,
+)
 from mechsteer.runs import plain_forward_seconds
 from mechsteer.tasks import ioi
 
@@ -59,6 +71,8 @@ def main() -> None:
     for site in ("z", "attn_out", "mlp_out"):
         cases[f"dla_{site}"] = lambda site=site: direct_logit_attribution(model, ds, site=site)
     cases["dla_terms"] = lambda: dla_terms(model, ds)
+    cases["dla_pos_vectors"] = lambda: dla_per_position(model, ds)
+    cases["dla_pos_sources_z"] = lambda: dla_per_position(model, ds, site="z", mode="sources")
     times = time_cases(cases, args.reps)
     plain, plain_median = min(times["plain"]), statistics.median(times["plain"])  # one no-grad forward
     rows = {
@@ -72,13 +86,22 @@ def main() -> None:
 
     print(f"model={model.cfg.model_name} tokens={tuple(ds.tokens.shape)} reps={args.reps} "
           f"plain={plain * 1e3:.1f} ms (median {plain_median * 1e3:.1f} ms)")
-    print(f"{'case':<14}{'min ms':>9}{'fwd-equiv':>11}{'median ms':>11}{'(median)':>10}")
+    print(f"{'case':<18}{'min ms':>9}{'fwd-equiv':>11}{'median ms':>11}{'(median)':>10}")
     for name, r in rows.items():
-        print(f"{name:<14}{r['min_s'] * 1e3:>9.1f}{r['forward_equivalents']:>11.2f}"
+        print(f"{name:<18}{r['min_s'] * 1e3:>9.1f}{r['forward_equivalents']:>11.2f}"
               f"{r['median_s'] * 1e3:>11.1f}{r['forward_equivalents_median']:>10.2f}")
+
+    z = direct_logit_attribution(model, ds, site="z", per_prompt=True).per_prompt
+    src = dla_per_position(model, ds, site="z", mode="sources", per_prompt=True).per_prompt
+    vec = dla_per_position(model, ds, site="z", per_prompt=True).per_prompt
+    identities = {"sources_sum_vs_dla_z": (src.sum(-1) - z).abs().max().item(),
+                  "vectors_last_vs_dla_z": (vec[..., -1] - z).abs().max().item(),
+                  "max_abs_dla_z": z.abs().max().item()}
+    print("identities (max abs miss, logits):", {k: f"{v:.3g}" for k, v in identities.items()})
 
     result = {
         "benchmark": "atp_dla",
+        "identities": identities,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": model.cfg.model_name,
         "tokens_shape": list(ds.tokens.shape),

@@ -7,6 +7,7 @@ forward + one backward pass, timed as the median of ``--reps`` interleaved runs 
 
 - ``attnlrp``: the AttnLRP rules (``variant="attnlrp"``);
 - ``cp``: CP-LRP (constant attention weights);
+- ``cp-lxt``: lxt's CP-LRP (also a constant gate on gated MLPs);
 - ``grad_x_input``: the same readouts with every rule off (``rules=False``);
 
 each divided by one plain no-grad forward of the same batch timed just before it
@@ -16,7 +17,10 @@ machine drifts; the same ratios in process CPU time (``time.process_time``, this
 threads only) are reported beside them, as they are less disturbed by other processes.
 Throughput: samples per minute from the median wall time. Conservation: sum of the
 input-token relevances over the explained logit difference (aggregate over prompts, and
-the median per prompt), and the same for the raw correct-answer logit.
+the median per prompt), and the same for the raw correct-answer logit. ``cp_vs_cp_lxt``:
+how far the two CP-LRP forms disagree (both conserve f): Spearman correlation of the
+per-prompt input relevances (median over prompts) and of the head relevances (mean over
+prompts), and the largest absolute differences.
 
     python benchmarks/bench_lrp.py [--model tiny] [--n 16] [--reps 3]
 """
@@ -34,7 +38,26 @@ from mechsteer.attribution import attnlrp
 from mechsteer.runs import plain_forward_seconds
 from mechsteer.tasks import ioi
 
-CASES = {"attnlrp": dict(variant="attnlrp"), "cp": dict(variant="cp"), "grad_x_input": dict(rules=False)}
+CASES = {"attnlrp": dict(variant="attnlrp"), "cp": dict(variant="cp"), "cp-lxt": dict(variant="cp-lxt"),
+         "grad_x_input": dict(rules=False)}
+
+
+def spearman(a, b) -> float:
+    """Rank correlation (ties broken by order; the relevances here are continuous)."""
+    ra, rb = (x.flatten().double().argsort().argsort().double() for x in (a, b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def cp_vs_cp_lxt(a, b, lengths) -> dict[str, float]:
+    """Agreement of two attnlrp results (dicts of readouts, per_prompt kept)."""
+    ia, ib = a["input"].per_prompt, b["input"].per_prompt
+    rhos = torch.tensor([spearman(ia[i, : int(n)], ib[i, : int(n)]) for i, n in enumerate(lengths)])
+    return {"input_spearman_median": rhos.median().item(), "input_max_abs_diff": (ia - ib).abs().max().item(),
+            "input_max_abs": ia.abs().max().item(),
+            "heads_spearman": spearman(a["heads"].scores, b["heads"].scores),
+            "heads_max_abs_diff": (a["heads"].scores - b["heads"].scores).abs().max().item(),
+            "heads_max_abs": a["heads"].scores.abs().max().item()}
 
 
 def conservation(out) -> dict[str, float]:
@@ -80,7 +103,7 @@ def main() -> None:
                       "samples_per_minute": args.n / med * 60,
                       "conservation_logit_diff": conservation(outs[name]["input"])}
     plain_s = statistics.median(plain["wall"])
-    for name, case in (("attnlrp", {}), ("cp", dict(variant="cp"))):
+    for name, case in (("attnlrp", {}), ("cp", dict(variant="cp")), ("cp-lxt", dict(variant="cp-lxt"))):
         logit = attnlrp(model, ds.tokens, answer=ds.correct, readout="input", per_prompt=True, progress=False, **case)
         rows[name]["conservation_logit"] = conservation(logit)
 
@@ -96,8 +119,12 @@ def main() -> None:
         fmts = (".1f", ".2f", ".2f", ".0f", ".3f", ".3f")
         print(f"{name:<14}" + "".join(f"{c:>{w}{f}}" for c, w, f in zip(cells, widths[1:], fmts)))
 
+    agree = cp_vs_cp_lxt(outs["cp"], outs["cp-lxt"], ds.lengths)
+    print("cp vs cp-lxt:", {k: round(v, 4) for k, v in agree.items()})
+
     result = {
         "benchmark": "lrp",
+        "cp_vs_cp_lxt": agree,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": model.cfg.model_name,
         "tokens_shape": list(ds.tokens.shape),

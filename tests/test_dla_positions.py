@@ -136,3 +136,15 @@ def test_bad_input_is_a_clear_error(tiny_llama):
         dla_per_position(tiny_llama, ds, site=["z", "attn_out"])
     with pytest.raises(ValueError, match="metric must be one of"):
         dla_per_position(tiny_llama, ds, metric="answer_prob")
+
+
+@pytest.mark.integration
+def test_smollm2_identities_on_mixed_lengths(smollm2):
+    from mechsteer.tasks import ccc
+
+    ds = ccc(smollm2, n=4, template=None, same_length=False)
+    z = direct_logit_attribution(smollm2, ds, site="z", per_prompt=True).per_prompt
+    src = dla_per_position(smollm2, ds, site="z", mode="sources", per_prompt=True, positions="end")
+    close(src.per_prompt.sum(-1), z, rel=1e-3)
+    vec = dla_per_position(smollm2, ds, site="z", per_prompt=True, positions="end")
+    close(vec.per_prompt[..., -1], z, rel=1e-3)
