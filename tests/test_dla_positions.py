@@ -148,3 +148,14 @@ def test_smollm2_identities_on_mixed_lengths(smollm2):
     close(src.per_prompt.sum(-1), z, rel=1e-3)
     vec = dla_per_position(smollm2, ds, site="z", per_prompt=True, positions="end")
     close(vec.per_prompt[..., -1], z, rel=1e-3)
+
+
+def test_fig9_result_plugs_into_activation_scalars(tiny_gpt2):
+    from mechsteer.interventions.from_attribution import scalars_from_result
+
+    ds = ioi(tiny_gpt2, n=2)
+    fig9 = dla_per_position(tiny_gpt2, ds)
+    iv = scalars_from_result(tiny_gpt2, fig9, normalize=False)  # raw scores, as the paper plugs them in
+    assert sorted(iv.sites) == ["attn_out", "mlp_out"]
+    z = scalars_from_result(tiny_gpt2, dla_per_position(tiny_gpt2, ds, site="z", mode="sources"), normalize=False)
+    assert list(z.sites) == ["z"]
