@@ -129,3 +129,13 @@ def test_evaluate_splits(tiny_gpt2, ds_gpt2):
     out = evaluate_splits(tiny_gpt2, iv, tr, te)
     assert set(out) == {"train", "test"}
     assert out["test"] == evaluate(tiny_gpt2, iv, te)
+
+
+def test_steer_task_init_readings(tiny_gpt2):
+    """App. A.1's N(0, 1e-5): steer_task builds with std 1e-5 by default, sqrt(1e-5) with "var"."""
+    from mechsteer.interventions.pipeline import steer_task
+
+    cfg = TrainConfig(epochs=1, lr=1e-12, progress=False)  # a negligible step: the init is what is left
+    runs = {r: steer_task(tiny_gpt2, "ccc", "steer_vec", ["mlp_out"], n=8, config=cfg, init_std=r) for r in ("std", "var")}
+    std = {r: run.intervention.params["mlp_out"].detach().std().item() for r, run in runs.items()}
+    assert std["std"] == pytest.approx(1e-5, rel=0.2) and std["var"] == pytest.approx(1e-5 ** 0.5, rel=0.2)
