@@ -46,6 +46,15 @@ from mechsteer.plots import figures_page
 from mechsteer.tasks.base import ContrastiveDataset
 
 METHODS = KINDS  # the one registry, under the name the CLI and demo import (prefer kinds.KINDS)
+# lambda_M for a sparse, readable alpha heatmap (paper 003 Fig. 3), per kind. Measured on
+# SmolLM2 CCC (attn_out + mlp_out, 1080 alphas; 10 epochs, batch 8, lr 1e-2, m = 1,
+# lambda_F = 1): lambda_M = 0 / 0.03 / 0.1 / 0.3 / 1 leave 971 / 347 / 137 / 52 / 8 alphas
+# above 0.01 at train E_0 = 0.00 / 0.00 / -0.06 / -0.22 / -1.10 (test E_0 -0.08 / -0.29 /
+# -0.70 / -0.98 / -1.84). 0.1 is the sparsest point of that Pareto front whose
+# intervention still flips (nearly) every training prompt. M_1 sums |theta|, so the
+# value is tied to this parameter count; SteerVec (d_model per location) and DynScalar
+# keep 0, as an L1 pull of this size on each of their coordinates would erase them.
+SPARSE_LAMBDA_M: dict[str, float] = {"activ_scalar": 0.1, "steer_vec": 0.0, "dyn_scalar": 0.0}
 
 
 @dataclass
