@@ -116,7 +116,10 @@ def replicate(model, config: ReplicateConfig = ReplicateConfig(), *, command: st
     step("paper 003: training ActivScalar, SteerVec, DynScalar on CCC")
     s = steering.train_all(model, cfg)
     step("paper 003: Table 2, beta sign, DynScalar lengths")
-    claims += steering.table2_rows(model, s) + [steering.beta_sign_row(model, s), steering.dynscalar_length_row(model, s)]
+    claims += steering.table2_rows(model, s) + steering.template_rows(model, s)
+    claims += [steering.beta_sign_row(model, s), steering.dynscalar_length_row(model, s)]
+    step("paper 003: Fig. 4 refits")
+    claims += steering.refit_rows(model, s)
     step("paper 003: Sec. 6.1 attribution scores as scalars, Fig. 3 sparse alphas, Fig. 7 heads vs DLA")
     claims += scalar_claims.sec61_rows(model, s) + [scalar_claims.sparse_row(model, s), scalar_claims.heads_vs_dla_row(model, s)]
     step("papers 000/004: function vectors")
