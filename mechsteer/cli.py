@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from mechsteer import _cli_args as A
+from mechsteer import _io
 from mechsteer.demo import DEMO_FV_TASKS
 
 _MODEL_HELP = "model name: an embedded model (default SmolLM2-135M-Instruct, or gemma-3-270m), 'tiny-llama'/'tiny-gpt2' (random weights, for smoke tests), or a Hugging Face name"
@@ -196,10 +197,16 @@ def cmd_replicate(args: argparse.Namespace) -> int:
     cfg = ReplicateConfig.quick(seed=args.seed) if args.quick else ReplicateConfig(seed=args.seed)
     model = _load(args.model)
     command = "mechsteer replicate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["replicate"] else [])
+    from mechsteer.report import Report, model_section, replication_section
+
     run = replicate(model, cfg, command=command.strip(), log=_log)
     path = run.write(args.out)
+    report = Report(f"mechsteer replication: {model.cfg.model_name}", meta=run.meta)
+    report.add(model_section(model))
+    report.add(replication_section(run))
+    _io.write_text(Path(args.out) / "index.html", report.to_html())
     _log("verdicts: " + ", ".join(f"{v} {k}" for k, v in run.counts().items()))
-    _log(f"wrote {path.parent}/ (REPLICATION.md, claims.csv, summary.json) in {run.meta['seconds']:.0f}s")
+    _log(f"wrote {path.parent}/ (REPLICATION.md, index.html, claims.csv, summary.json) in {run.meta['seconds']:.0f}s")
     return 0
 
 

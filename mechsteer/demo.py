@@ -13,7 +13,8 @@ heads by AIE, AttnLRP and AtP, injected as FV and DFV).
 - ``DemoConfig.full()`` (``mechsteer demo --full``): the sizes of the papers' protocols
   where this model allows them (16 attribution prompts, 25 epochs, paper 000's FV
   settings with 5 instructions, 20 queries and 5 scored prompts per instruction, every FV
-  layer swept); about an hour on 2 CPU cores.
+  layer swept) and the replication section (``mechsteer.replicate``: each claim of the
+  papers beside mechsteer's number, as in REPLICATION.md); about an hour on 2 CPU cores.
 
 Each section states its own sizes in the report, so a reader knows which run they see.
 """
@@ -43,6 +44,7 @@ class DemoConfig:
         naive_layers=3))
     seed: int = 0
     size: str = "quick"  # a label for the report: "quick" or "full"
+    replicate: bool = False  # add the replication section (``mechsteer.replicate``; about 30 min on SmolLM2)
 
     def __post_init__(self) -> None:
         positive_int("n", self.n)
@@ -55,7 +57,7 @@ class DemoConfig:
     def full(cls, **overrides: Any) -> "DemoConfig":
         """The paper-sized run (see the module docstring)."""
         fv = dict(k=10, n_instructions=5, n_queries=20, n_cie=5, n_test=20, min_correct=10, pool=60, sweep_every=1)
-        return replace(cls(attribution_n=16, steer_n=48, steer_epochs=25, fv=fv, size="full"), **overrides)
+        return replace(cls(attribution_n=16, steer_n=48, steer_epochs=25, fv=fv, size="full", replicate=True), **overrides)
 
 
 def run_demo(model, config: DemoConfig = DemoConfig(), log: Callable[[str], None] = print):
@@ -109,6 +111,14 @@ def run_demo(model, config: DemoConfig = DemoConfig(), log: Callable[[str], None
         fc = FVConfig(tasks=tuple(cfg.fv_tasks), sweep_layers=tuple(range(0, model.cfg.n_layers, every)),
                       filter=not tiny, lrp_max_rank=10**6 if tiny else 5, seed=cfg.seed, progress=False, **fv)
         report.add(fv_section(run_fv(model, fc)))
+    if cfg.replicate:
+        from mechsteer.replicate import ReplicateConfig, replicate
+        from mechsteer.report import replication_section
+
+        step("replication section")
+        tiny = model.cfg.model_name.startswith("tiny")
+        rc = ReplicateConfig.quick(seed=cfg.seed) if tiny else ReplicateConfig(seed=cfg.seed, progress=False)
+        report.add(replication_section(replicate(model, rc, command="mechsteer demo --full")))
     report.meta["seconds"] = round(time.perf_counter() - t0, 1)
     step("done")
     return report

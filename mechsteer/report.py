@@ -263,3 +263,21 @@ def steering_section(runs: list) -> Section:
             parts.append(alpha_heatmap(run.intervention, run.test_ds))
         parts.append(beta_sweep_figure(sweeps[run.method], title=f"{run.method}: logit difference vs beta (test prompts)"))
     return Section(key="steering", title="Activation scaling: learned interventions", parts=parts, summary=summary)
+
+
+def replication_section(run) -> Section:
+    """The replication report (``mechsteer.replicate``): each claim of papers 000, 003 and
+    004 beside mechsteer's number, its 95% interval, sample size and verdict; then the
+    tables behind the rows (FV accuracy per task, Table 1 timing)."""
+    t = run.table()
+    t["value [95%]"] = [f"{v:.3g}" if lo == hi == v else f"{v:.3g} [{lo:.3g}, {hi:.3g}]"
+                        for v, lo, hi in zip(t["value"], t["lo"], t["hi"])]
+    shown = t[["paper", "where", "claim", "paper_value", "measure", "value [95%]", "n", "verdict", "why"]]
+    counts = ", ".join(f"{v} {html.escape(k)}" for k, v in run.counts().items())
+    parts = [f"<p>{len(t)} claims on <code>{html.escape(str(run.meta.get('model')))}</code>: {counts}. "
+             "Intervals: Wilson for accuracies, bootstrap over prompts otherwise; a single number is exact "
+             "or one timed run.</p>", table_html(shown, index=False)]
+    for name, df in run.tables.items():
+        parts += [f"<h3>{html.escape(name)}</h3>", table_html(df.round(3), index=False)]
+    return Section("replication", "Replication: the papers' claims beside mechsteer's numbers", parts=parts,
+                   summary={"counts": run.counts(), "claims": t.drop(columns=["value [95%]"]).to_dict(orient="records")})

@@ -72,5 +72,7 @@ def test_cli_quick_run_writes_every_row(tmp_path):
     claims = pd.read_csv(out / "claims.csv")
     assert len(claims) >= 12 and set(claims["paper"].astype(str).str.zfill(3)) == {"000", "003", "004"}
     assert claims[["value", "lo", "hi"]].notna().all().all() and (claims["lo"] <= claims["hi"] + 1e-12).all()
+    page = (out / "index.html").read_text()
+    assert "Replication: the papers" in page and page.count("<tr>") >= len(claims)
     md = (out / "REPLICATION.md").read_text()
     assert md.count("\n| ") >= len(claims) and "nan" not in md.lower().split("### ")[0]

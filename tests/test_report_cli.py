@@ -127,3 +127,5 @@ def test_demo_sizes_quick_and_full(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["meta"]["demo"]["size"] == "full" and summary["meta"]["demo"]["attribution_n"] == 0
     assert {"model", "tasks"} <= set(summary) and "steering" not in summary
+    assert summary["replication"]["counts"] and len(summary["replication"]["claims"]) >= 12  # --full adds it
+    assert not quick.replicate and full.replicate
