@@ -66,6 +66,8 @@ def test_bad_config_is_a_clear_error():
         FVConfig(protocol="icl", n_shots=0)
     with pytest.raises(ValueError, match="n_val"):
         FVConfig(n_val=0)
+    with pytest.raises(ValueError, match="sweep_step"):
+        FVConfig(sweep_step=0)
     with pytest.raises(TypeError, match="n_train"):
         FVConfig(n_train=2.5)
     assert FVConfig.paper(tasks=("antonym",), n_test=60).n_test == 60  # preset, overridable

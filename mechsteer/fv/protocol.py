@@ -17,11 +17,13 @@ held out: taken in order, each is kept when the model answers it correctly *with
 demonstrations (ICL prompt whose demonstrations come from the train inputs) or with the
 task's best instruction, as the papers' filters keep the items a model can do; the first
 ``n_val`` kept pick the FV layer, the next ``n_test`` are the test set. Held-out items are
-tried in chunks until both are filled (``TaskData.splits`` records every pair index).
+tried in chunks until both are filled (``TaskData.splits`` records every pair index, and
+the rejected ones).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -86,12 +88,14 @@ def _by_instruction(p: FVPrompts, per: int) -> list[int]:
 
 def _held_out(model, held: Sequence[int], probe, cfg) -> tuple[list[int], list[int], list[int]]:
     """(val, test, rejected) pair indices: held-out pairs whose ``probe(pairs)`` prompt
-    (with demonstrations or instruction) the model answers correctly, tried 32 at a time."""
-    want, kept, rejected = cfg.n_val + cfg.n_test, [], []
-    for s in range(0, len(held), 32):
-        if len(kept) >= want:
-            break
-        p = probe(list(held[s : s + 32]))
+    (with demonstrations or instruction) the model answers correctly, tried in order, each
+    chunk sized by the pass rate so far so that few extra prompts run."""
+    want, kept, rejected, s = cfg.n_val + cfg.n_test, [], [], 0
+    while len(kept) < want and s < len(held):
+        rate = max(len(kept), 1) / s if s else 1.0
+        size = max(8, min(64, math.ceil(1.1 * (want - len(kept)) / max(rate, 0.2))))
+        p = probe(list(held[s : s + size]))
+        s += size
         if cfg.filter:
             top1 = top_k_predictions(model, p, 1, progress=False, share_prefix=cfg.protocol == "instruction")[:, 0]
             ok = (top1 == p.answers).tolist()
