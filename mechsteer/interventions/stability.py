@@ -18,6 +18,9 @@ N(0, 1e-5) init of App. A.1 and the mini-batch order), then, for every pair of r
 
 ``summary()`` gives the mean and standard deviation over the 10 pairs of 5 seeds, which is
 what the paper reports. Pass ``ds.subset([0])`` to fit on one prompt as Fig. 4 does.
+Caveat, measured on SmolLM2: with std 1e-5, Adam's first steps (about lr each, sign of the
+gradient) dwarf the init, so refits on one prompt land on nearly the same vectors; the
+seed matters more with ``init_std="var"`` (std sqrt(1e-5)).
 
 >>> from mechsteer.interventions.train import TrainConfig
 >>> from mechsteer.tasks import ccc
@@ -41,7 +44,7 @@ import torch
 from scipy.stats import kendalltau
 from tqdm.auto import tqdm
 
-from mechsteer.interventions.base import Intervention
+from mechsteer.interventions.base import DEFAULT_INIT_STD, Intervention
 from mechsteer.interventions.evaluate import evaluate
 from mechsteer.interventions.interpret import steervec_geometry
 from mechsteer.interventions.kinds import kind_class
@@ -110,6 +113,7 @@ def refit_stability(
     config: TrainConfig = TrainConfig(),
     layers: Sequence[int] | None = None,
     positions: str | Sequence[int] = "all",
+    init_std: float | str = DEFAULT_INIT_STD,  # App. A.1's N(0, 1e-5) as std ("std") or variance ("var")
     batch_size: int = 32,
     progress: bool = True,
 ) -> Stability:
@@ -126,7 +130,7 @@ def refit_stability(
         raise ValueError(f"seeds must hold at least two distinct seeds, got {seeds}.")
     ivs, effects, runs = [], {}, []
     for seed in tqdm(seeds, desc="refits", disable=not progress):
-        iv = cls.for_dataset(model, ds, sites=sites, layers=layers, positions=positions, seed=seed)
+        iv = cls.for_dataset(model, ds, sites=sites, layers=layers, positions=positions, seed=seed, init_std=init_std)
         train(model, iv, ds, dataclasses.replace(config, seed=seed))
         ivs.append(iv)
         effects[seed] = location_effects(model, iv, ds, batch_size)
