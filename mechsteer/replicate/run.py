@@ -78,16 +78,14 @@ class ReplicationRun:
 
 
 def _fv_config(model, cfg: ReplicateConfig):
-    from mechsteer.fv.pipeline import FVConfig
+    """``FVConfig.paper``: Todd et al.'s ICL protocol, >= 50 held-out test items per task."""
+    from mechsteer.fv.pipeline import PAPER_TASKS, FVConfig
 
-    L = model.cfg.n_layers
     if cfg.fv_quick:
-        return FVConfig(tasks=cfg.fv_tasks or ("antonym", "capitalize"), n_instructions=1, n_queries=2, n_cie=2,
-                        n_test=4, k=3, pool=4, filter=False, lrp_max_rank=10**6, naive_layers=1,
-                        sweep_layers=tuple(range(L)), seed=cfg.seed, progress=False)
-    return FVConfig(tasks=cfg.fv_tasks or ("country-capital", "singular-plural", "antonym"), k=10,
-                    n_instructions=3, n_queries=10, n_cie=3, n_test=100, min_correct=5, pool=20,
-                    sweep_layers=tuple(range(0, L, 2)), naive_layers=1, seed=cfg.seed, progress=cfg.progress)
+        return FVConfig.paper(tasks=cfg.fv_tasks or ("antonym", "capitalize"), n_shots=2, k=3, n_train=6, n_queries=2,
+                              n_cie=2, n_val=2, n_test=4, filter=False, lrp_max_rank=10**6, sweep_step=1,
+                              seed=cfg.seed, progress=False)
+    return FVConfig.paper(tasks=cfg.fv_tasks or PAPER_TASKS, seed=cfg.seed, progress=cfg.progress)
 
 
 def _timing(model, cfg: ReplicateConfig, task: str) -> pd.DataFrame:
