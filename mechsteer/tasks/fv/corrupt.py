@@ -3,7 +3,13 @@
 Instruction and chat prompts: the instruction's tokens are replaced by as many tokens drawn
 from a pool of ordinary words unrelated to any task (at token level, so token lengths and
 positions are unchanged; texts are decoded). ICL prompts: the demonstration labels are
-shuffled across demonstrations.
+shuffled across demonstrations (Todd et al.'s recipe).
+
+Difference from paper 000: it samples "token sequences unrelated to the task but
+equiprobable to the task description" (Sec. 3.1), i.e. matched in probability to the
+instruction; mechsteer matches the token *length* only and draws uniformly from a fixed
+pool of function words (``NEUTRAL_WORDS``), so a corrupted instruction may be less (or more)
+likely under the model than the one it replaces.
 """
 
 from __future__ import annotations
