@@ -60,12 +60,14 @@ def sweep_betas() -> list[float]:
 BETA_MODES = ("sweep", "fit")  # attribution_scalars / compare_with_trained: how beta is chosen
 
 
-def _measure(model, iv: Intervention, data: tuple, b: float, batch_size: int) -> tuple[float, float, int]:
-    """(E_0, F, count of |b alpha| > 0.01) of ``iv`` with every alpha scaled by ``b`` (run at beta = +-b)."""
+def _measure(model, iv: Intervention, data: tuple, b: float, batch_size: int, name: str = "sweep_beta"
+             ) -> tuple[float, float, int]:
+    """(E_0, F, count of |b alpha| > 0.01) of ``iv`` with every alpha scaled by ``b`` (run at
+    beta = +-b); errors name the caller ``name``."""
     tokens, correct, wrong, pos, where, clean = data
-    with naming("sweep_beta"):
+    with naming(name):
         e, f = mean_e0_f(model, iv, tokens, correct, wrong, clean, batch_size=batch_size, strength=b, pos=pos, where=where)
-    check_finite(f"sweep_beta: E_0 and F at beta = {b:g}", torch.tensor([e, f]))
+    check_finite(f"{name}: E_0 and F at beta = {b:g}", torch.tensor([e, f]))
     m = sum(int((p.detach().abs() * abs(b) > NEGLIGIBLE).sum()) for p in iv.params.values())
     return e, f, m
 
@@ -174,11 +176,12 @@ def fit_beta(
         if finite_float(name, v) < 0 or (name == "lr" and v == 0):
             raise ValueError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {v}.")
     iv, data = _prepare(model, intervention, ds, batch_size)
-    rows = [(b, *_measure(model, iv, data, b, batch_size), "grid") for b in tqdm(grid, desc="fit beta", disable=not progress)]
+    rows = [(b, *_measure(model, iv, data, b, batch_size, "fit_beta"), "grid")
+            for b in tqdm(grid, desc="fit beta", disable=not progress)]
     best = _best(rows)
     if refine_steps and best[0] != 0:
         b = _refine(model, iv, data, best[0], refine_steps, lr, margin, lambda_f, batch_size)
-        rows.append((b, *_measure(model, iv, data, b, batch_size), "adam"))
+        rows.append((b, *_measure(model, iv, data, b, batch_size, "fit_beta"), "adam"))
         best = _best(rows)
     table = pd.DataFrame(rows, columns=["beta", "effectiveness", "faithfulness", "minimality", "source"])
     table["chosen"] = [r is best for r in rows]
