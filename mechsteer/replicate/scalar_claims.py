@@ -98,7 +98,7 @@ def heads_vs_dla_row(model, s: Steering) -> Claim:
     fit(model, iv, s.train_ds, s.cfg)
     alpha = iv.alpha("z").detach().reshape(model.cfg.n_layers, model.cfg.n_heads)
     dla = direct_logit_attribution(model, s.train_ds, site="z").scores.reshape(model.cfg.n_layers, model.cfg.n_heads)
-    a, d = alpha.flatten().numpy(), dla.flatten().numpy()
+    a, d = alpha.flatten().abs().numpy(), dla.flatten().abs().numpy()  # which heads matter, either sign
 
     def spearman(idx):
         from scipy.stats import spearmanr
@@ -110,5 +110,5 @@ def heads_vs_dla_row(model, s: Steering) -> Claim:
     rho = spearman(np.arange(n))
     return Claim("003", "Fig. 7", "Activation scalars on the heads at the last position single out the heads DLA "
                  "ranks high", "considerable overlap with DLA (memory head L16H8, Pythia-1.4B)",
-                 "Spearman(alpha_{l,h}, DLA_{l,h}) over heads, z at the last position, bootstrap over heads",
+                 "Spearman(|alpha_{l,h}|, |DLA_{l,h}|) over heads, z at the last position, bootstrap over heads",
                  rho, lo, hi, n, verdict(lo > 0), "reproduced if the interval is above 0")

@@ -119,7 +119,9 @@ def table2_rows(model, s: Steering) -> list[Claim]:
     d, lo, hi = paired(e_v, e_a, what="E_0 train")
     rows.append(Claim("003", "Table 2 A", "SteerVec is more effective than ActivScalar on the train set",
                       "E_0 train: SteerVec -0.06, ActivScalar -0.99", "E_0(SteerVec) - E_0(ActivScalar), train prompts",
-                      d, lo, hi, n_tr, verdict(lo > 0), "reproduced if the paired interval is above 0"))
+                      d, lo, hi, n_tr, verdict(lo > 0), "reproduced if the paired interval is above 0"
+                      + (f"; both reach E_0 = {e_a.mean():.2f} / {e_v.mean():.2f} on the train prompts (a ceiling)"
+                         if min(e_a.mean(), e_v.mean()) > -0.01 else "")))
     d, lo, hi = paired(te_a, base, what="E_0 test vs unsteered")
     rows.append(Claim("003", "Table 2 B", "ActivScalar's intervention generalises to held-out CCC prompts",
                       "E_0 test -1.57 (train -0.99)", "E_0(ActivScalar) - E_0(none), test prompts", d, lo, hi, n_te,
@@ -197,6 +199,7 @@ def refit_rows(model, s: Steering) -> list[Claim]:
         Claim("003", "Fig. 4", "Refitting a steering vector gives different directions each time",
               "'vectors converge to different directions every time'",
               f"1 - cos between two refits' vectors at the same location, mean over locations and {n} pairs",
-              cos, clo, chi, n, verdict(clo > 1 - tau),
-              f"reproduced if the directions disagree more than the norm orderings: interval above 1 - tau = {1 - tau:.2f}"),
+              cos, clo, chi, n, verdict(clo > 0.1),
+              "reproduced if the interval is above 0.1 (directions more than ~25 degrees apart; 0 = the same "
+              f"direction), while the norm orderings agree (tau {tau:.2f})"),
     ]
