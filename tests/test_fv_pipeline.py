@@ -112,6 +112,8 @@ def test_accuracy_table_has_intervals(run):
     pooled = r.accuracy_table()
     assert (pooled["n"] == 8).all()  # 4 test items x 2 tasks
     assert {"n", "top1_lo", "top1_hi"} <= set(r.sweep.columns)
+    base = r.summary()["accuracy"]["baseline"]
+    assert base["n"] == 8 and isinstance(base["n"], int) and {"top1_lo", "gain_hi"} <= set(base)
 
 
 def test_instruction_protocol_evaluates_in_its_own_format(tiny_gpt2, monkeypatch):

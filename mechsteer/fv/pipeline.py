@@ -195,9 +195,10 @@ class FVRun:
         for heads in ("global", "task"):
             t = self.accuracy_table(heads).set_index("name")
             t = t[["top1", "top1_lo", "top1_hi", "gain", "gain_lo", "gain_hi", "top3", "n"]]
-            acc[heads] = {"baseline": t.loc["baseline"].to_dict()} if "baseline" in t.index else {}
+            row = lambda name: {**t.loc[name].to_dict(), "n": int(t.loc[name, "n"])}  # noqa: E731
+            acc[heads] = {"baseline": row("baseline")} if "baseline" in t.index else {}
             for inj in self.config.inject:
-                acc[heads][inj] = {m: t.loc[f"{inj}/{m}"].to_dict() for m in self.config.select if f"{inj}/{m}" in t.index}
+                acc[heads][inj] = {m: row(f"{inj}/{m}") for m in self.config.select if f"{inj}/{m}" in t.index}
         out = {
             "tasks": list(self.tasks),
             "accuracy": {**acc["global"], "per_task_heads": acc["task"]},
