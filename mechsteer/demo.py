@@ -86,7 +86,7 @@ def run_demo(model, config: DemoConfig = DemoConfig(), log: Callable[[str], None
         report.add(attribution_section(suites))
     if cfg.steer_n > 0:
         from mechsteer.interventions.kinds import KINDS
-        from mechsteer.interventions.pipeline import steer_task
+        from mechsteer.interventions.pipeline import SPARSE_LAMBDA_M, steer_task
         from mechsteer.interventions.train import TrainConfig
         from mechsteer.report import steering_section
 
@@ -96,7 +96,9 @@ def run_demo(model, config: DemoConfig = DemoConfig(), log: Callable[[str], None
             # App. A.1's lr (1e-3 scalars, 1e-4 vectors) is for single-prompt training; with
             # batches of 8 prompts the demo uses 10x that to move in few steps.
             lr = 1e-3 if method == "steer_vec" else 1e-2
-            tc = TrainConfig(epochs=cfg.steer_epochs, batch_size=8, lr=lr, progress=False)
+            # ActivScalar with lambda_M = 0.1 from SmolLM2's CCC Pareto sweep: 137 of 1080 alphas
+            # non-negligible, the sparse, readable picture of paper 003 Fig. 3 (0 for the others).
+            tc = TrainConfig(epochs=cfg.steer_epochs, batch_size=8, lr=lr, lambda_m=SPARSE_LAMBDA_M[method], progress=False)
             runs.append(steer_task(model, "ccc", method, n=cfg.steer_n, config=tc, seed=cfg.seed))
         report.add(steering_section(runs))
     if cfg.fv_tasks:

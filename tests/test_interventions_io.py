@@ -297,3 +297,17 @@ def test_refuses_to_clobber_and_unknown_kinds(tmp_path, tiny_gpt2):
     with pytest.raises(ValueError, match="Cannot save a MyScalar"):
         save_intervention(MyScalar(["mlp_out"], n_layers=2, d_model=64, n_pos=3), tmp_path / "mine")
     assert {c.__name__ for c in KINDS.values()} == {"ActivScalar", "SteerVec", "DynScalar"}
+
+
+@pytest.mark.parametrize("kind", ["ActivScalar", "SteerVec"])
+def test_v_site_round_trip_on_gqa(tiny_llama, tmp_path, kind):
+    """The v site's parameters are per KV head (GQA): the save records n_kv_heads."""
+    import mechsteer.interventions as I
+
+    assert tiny_llama.cfg.n_key_value_heads not in (None, tiny_llama.cfg.n_heads)  # the tiny llama is GQA
+    iv = getattr(I, kind).for_model(tiny_llama, sites=["v"], n_pos=5)
+    for p in iv.params.values():
+        p.data.normal_()
+    path = I.save_intervention(iv, tmp_path / "v", model=tiny_llama)
+    back = I.load_intervention(path, tiny_llama)
+    assert back.n_kv_heads == iv.n_kv_heads and all(torch.equal(back.params[s], iv.params[s]) for s in iv.sites)

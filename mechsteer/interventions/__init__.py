@@ -24,10 +24,19 @@ from mechsteer.interventions.from_attribution import (
     fit_beta,
     scalars_from_result,
 )
-from mechsteer.interventions.transfer import transfer_figure, transfer_matrix
+from mechsteer.interventions.beta_sweep import choose_beta, sweep_beta, sweep_betas
+from mechsteer.interventions.stability import Stability, location_effects, refit_stability
+from mechsteer.interventions.transfer import template_table, transfer_figure, transfer_matrix
 from mechsteer.interventions.pipeline import SteerRun, steer_task
 
 __all__ = [
+    "Stability",
+    "choose_beta",
+    "location_effects",
+    "refit_stability",
+    "sweep_beta",
+    "sweep_betas",
+    "template_table",
     "ActivScalar",
     "DynScalar",
     "Intervention",

@@ -113,7 +113,8 @@ def intervention_metadata(
         "positions": iv.positions if isinstance(iv.positions, str) else list(iv.positions),
         "n_pos": iv.n_pos,
         "slots": list(iv.slots) if iv.slots is not None else None,  # named / end-relative positions
-        "shapes": {"n_layers": iv.n_layers, "d_model": iv.d_model, "n_heads": iv.n_heads, "d_head": iv.d_head},
+        "shapes": {"n_layers": iv.n_layers, "d_model": iv.d_model, "n_heads": iv.n_heads, "d_head": iv.d_head,
+                   "n_kv_heads": iv.n_kv_heads},  # GQA: the v site's parameters are per KV head
         "init_std": iv.init_std,
         "seed": iv.seed,
         "params": {
@@ -294,6 +295,7 @@ def load_intervention(path: str | os.PathLike, model=None, *, check: bool = True
         d_model=shapes["d_model"],
         n_heads=shapes.get("n_heads"),
         d_head=shapes.get("d_head"),
+        n_kv_heads=shapes.get("n_kv_heads"),  # absent in saves before the v site: None = n_heads
         n_pos=meta["n_pos"],
         slots=meta.get("slots"),  # absent in saves before slots
         init_std=meta.get("init_std", 0.0),
