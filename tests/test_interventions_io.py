@@ -74,7 +74,7 @@ def test_metadata_contents(saved, tiny_gpt2):
     meta = read_metadata(path)
     assert meta["kind"] == "ActivScalar" and meta["sites"] == ["attn_out", "z"]
     assert meta["layers"] == [0, 1] and meta["positions"] == "all" and meta["n_pos"] == iv.n_pos
-    assert meta["shapes"] == {"n_layers": 2, "d_model": 64, "n_heads": 4, "d_head": 16}
+    assert meta["shapes"] == {"n_layers": 2, "d_model": 64, "n_heads": 4, "d_head": 16, "n_kv_heads": 4}
     assert meta["params"]["z"]["shape"] == list(iv.params["z"].shape)
     assert meta["train_config"]["epochs"] == 3 and meta["train_config"]["lr"] is None
     assert meta["model"] == fingerprint(tiny_gpt2) and meta["model_dtype"] == "float32"
