@@ -172,7 +172,8 @@ def cmd_fv(args: argparse.Namespace) -> int:
     from mechsteer.fv.pipeline import FVConfig, run_fv
 
     cfg = FVConfig(
-        tasks=args.tasks or None, style=args.style, select=args.select, inject=args.inject, k=args.k,
+        tasks=args.tasks or None, protocol=args.protocol, n_shots=args.n_shots, n_train=args.n_train, n_val=args.n_val,
+        style=args.style, select=args.select, inject=args.inject, k=args.k,
         n_instructions=args.n_instructions, n_queries=args.n_queries, n_cie=args.n_cie, n_test=args.n_test,
         min_correct=args.min_correct, pool=args.pool, sweep_layers=args.sweep_layers,
         scale=args.scale, naive_samples=args.naive_samples, seed=args.seed, filter=not args.no_filter,
@@ -291,21 +292,27 @@ def build_parser() -> argparse.ArgumentParser:
     fv = sub.add_parser("fv", help="function vectors: head selection, FV vs DFV, zero-shot accuracy")
     fv.add_argument("--tasks", type=A.names(A.fv_tasks, allow_empty=True), default="",
                     help="comma-separated task names (default: all; see mechsteer.tasks.fv.FV_TASKS)")
+    fv.add_argument("--protocol", default="icl", choices=["icl", "instruction"],
+                    help="icl: Todd et al.'s 10-shot extraction (default); instruction: paper 000's instructions")
+    fv.add_argument("--n-shots", type=A.nonneg_int, default=10, help="demonstrations per ICL extraction prompt")
+    fv.add_argument("--n-train", type=count, default=30, help="inputs used for extraction (the rest are held out)")
+    fv.add_argument("--n-val", type=count, default=10, help="held-out items that pick the FV layer")
     fv.add_argument("--style", default="auto", choices=["auto", "instruction", "chat"],
-                    help="prompt style; auto = the chat template when the model has one")
+                    help="instruction protocol's prompt style; auto = the chat template when the model has one")
     fv.add_argument("--select", type=A.names(A.fv_selections), default="aie,lrp,atp", help="head selection: aie,lrp,atp")
     fv.add_argument("--inject", type=A.names(A.fv_injections), default="fv,dfv",
                     help="injection: fv (one layer), dfv (each head at its own place)")
-    fv.add_argument("--k", type=count, default=20, help="top-k heads")
+    fv.add_argument("--k", type=count, default=10, help="top-k heads")
     fv.add_argument("--n-instructions", type=count, default=5, help="instructions kept per task")
     fv.add_argument("--n-queries", type=count, default=20, help="filtered prompts per instruction for mean activations")
-    fv.add_argument("--n-cie", type=count, default=5, help="prompts per instruction scored by AIE / LRP / AtP")
-    fv.add_argument("--n-test", type=count, default=20, help="held-out inputs per task (half validation, half test)")
+    fv.add_argument("--n-cie", type=count, default=10, help="prompts (per instruction) scored by AIE / LRP / AtP")
+    fv.add_argument("--n-test", type=count, default=50, help="held-out test items per task (answered correctly in context)")
     fv.add_argument("--min-correct", type=A.nonneg_int, default=20, help="correct items an instruction needs (of --pool)")
     fv.add_argument("--pool", type=count, default=60, help="items per instruction tried when ranking instructions")
     fv.add_argument("--sweep-layers", type=A.layers, default="all", help="FV layers to try: all, or comma-separated")
     fv.add_argument("--scale", type=A.finite_float, default=1.0, help="injection scale")
-    fv.add_argument("--naive-samples", type=count, default=1, help="prompts timed with naive AIE (n_heads forwards each)")
+    fv.add_argument("--naive-samples", type=count, default=1,
+                    help="prompts every head-scoring method is timed on, at batch 1 and in one batch (Table 1)")
     fv.add_argument("--lrp-max-rank", type=count, default=5, help="LRP skips prompts whose answer ranks below this")
     fv.add_argument("--no-filter", action="store_true", help="keep every task and item (for random-weight test models)")
     fv.add_argument("--seed", type=seed, default=0)

@@ -5,8 +5,15 @@ Tests marked ``integration`` use the real embedded model; they load it once per 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Under pytest-xdist (`make test` runs `-n auto --dist loadfile`), share the cores among the
+# workers instead of letting each torch use them all (oversubscribed threads run slower).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 from mechsteer.tiny import tiny_model
 

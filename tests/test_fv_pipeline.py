@@ -134,25 +134,20 @@ def test_instruction_protocol_evaluates_in_its_own_format(tiny_gpt2, monkeypatch
     assert d.val.texts == [bare.replace(f"Q: {x0}", f"Q: {x}") for x in d.val.inputs]
 
 
-def test_naive_aie_timed_on_some_layers_is_scaled_to_all(monkeypatch):
-    """naive_layers=1 times naive AIE on layer 0 alone (one forward per head) and reports the
-    rate of all layers: the timed run's rate divided by n_layers."""
-    import mechsteer.fv.pipeline as pipeline
+def test_table1_like_for_like_in_the_run():
+    """Every method is timed on the same naive_samples prompts at batch 1 and in one batch
+    (fv.timing.table1); naive AIE on naive_layers=1 layer, its rate scaled to all layers; the
+    summary's rates are the batched rows, the paper's procedure named "aie_naive"."""
     from mechsteer.tiny import tiny_model
 
-    model, seen = tiny_model("llama"), []
-    real_aie = pipeline.aie
-
-    def spy(*args, **kwargs):
-        out = real_aie(*args, **kwargs)
-        if kwargs.get("mode") == "naive":
-            seen.append((kwargs["layers"], out.meta["samples_per_minute"]))
-        return out
-
-    monkeypatch.setattr(pipeline, "aie", spy)
-    cfg = FVConfig(tasks=("capitalize",), **{**SMALL, "n_queries": 2}, naive_layers=1, select=("aie",), inject=("dfv",))
-    spm = run_fv(model, cfg).summary()["samples_per_minute"]["aie_naive"]
-    (layers, timed_rate), = seen
-    assert layers == [0] and spm == pytest.approx(timed_rate / model.cfg.n_layers)
+    model = tiny_model("llama")
+    cfg = FVConfig(tasks=("capitalize",), **{**SMALL, "n_queries": 2}, naive_layers=1, naive_samples=2, inject=("dfv",))
+    run = run_fv(model, cfg)
+    t, spm = run.extra["table1"], run.summary()["samples_per_minute"]
+    assert sorted(set(t["batch_size"])) == [1, 2] and (t["n_prompts"] == 2).all()
+    assert set(t["method"]) == {"naive", "fast", "lrp", "atp"} and set(spm) == {"aie_naive", "aie_fast", "lrp", "atp"}
+    assert (t[t["method"] == "naive"]["timed_layers"] == 1).all()
+    batched = t[t["batch_size"] == 2].set_index("method")["samples_per_minute"]
+    assert spm["aie_naive"] == batched["naive"] and spm["lrp"] == batched["lrp"]
     with pytest.raises(ValueError, match="naive_layers"):
         FVConfig(naive_layers=0)

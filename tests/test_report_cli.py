@@ -97,17 +97,19 @@ def test_cli_pareto_resumes(tmp_path):
 def test_cli_fv_writes_accuracy_timing_and_heads(tmp_path):
     out = tmp_path / "fv"
     args = ["fv", "--model", "tiny-llama", "--tasks", "capitalize,antonym", "--select", "aie,lrp,atp", "--inject", "fv,dfv",
-            "--k", "3", "--n-instructions", "2", "--n-queries", "3", "--n-cie", "2", "--n-test", "4", "--pool", "4",
+            "--k", "3", "--n-shots", "3", "--n-train", "8", "--n-val", "2", "--n-queries", "3", "--n-cie", "2",
+            "--n-test", "4", "--naive-samples", "2",
             "--no-filter", "--lrp-max-rank", "100000", "--out", str(out)]
     assert main(args) == 0
     s = json.loads((out / "summary.json").read_text())
-    assert set(s["samples_per_minute"]) == {"aie_naive", "aie", "lrp", "atp"}
+    assert set(s["samples_per_minute"]) == {"aie_naive", "aie_fast", "lrp", "atp"}
     assert "baseline" in s["accuracy"]
     for inj in ("fv", "dfv"):
         assert set(s["accuracy"][inj]) == {"aie", "lrp", "atp"}
         assert {"top1", "top3"} <= set(s["accuracy"][inj]["lrp"])
     assert all(len(heads) == 3 for heads in s["top_heads"].values())
-    for f in ("figures.html", "accuracy.csv", "head_scores.csv", "layer_sweep.csv"):
+    assert {r["batch_size"] for r in s["table1"]} == {1, 2}  # Table 1: batch 1 and batched, same prompts
+    for f in ("figures.html", "accuracy.csv", "head_scores.csv", "layer_sweep.csv", "table1.csv"):
         assert (out / f).exists()
 
 
@@ -117,7 +119,11 @@ def test_demo_sizes_quick_and_full(tmp_path):
     quick, full = DemoConfig(), DemoConfig.full()
     assert (quick.size, full.size) == ("quick", "full")
     assert quick.attribution_n < full.attribution_n and quick.steer_epochs < full.steer_epochs
-    assert quick.fv["n_test"] < full.fv["n_test"] and full.fv["sweep_every"] == 1
+    from mechsteer.demo import DEMO_FV_TASKS
+    from mechsteer.fv.pipeline import PAPER_TASKS, FVConfig
+
+    assert quick.fv["n_test"] < FVConfig.paper().n_test and full.fv == {}  # full: the paper preset as it is
+    assert DEMO_FV_TASKS == PAPER_TASKS  # the demo shows the tasks where FVs work on SmolLM2
     assert DemoConfig.full(attribution_n=0).attribution_n == 0  # options override the preset
     with pytest.raises(ValueError, match="steer_epochs"):
         DemoConfig(steer_epochs=0)

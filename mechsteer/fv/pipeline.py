@@ -36,7 +36,7 @@ the demo, notebook 03 and the replication report.
 >>> run = run_fv(tiny_model("gpt2"), FVConfig(tasks=("capitalize",), n_shots=3, n_train=8, n_queries=3,
 ...              n_cie=2, n_val=2, n_test=4, k=3, filter=False, lrp_max_rank=10**6, progress=False))
 >>> sorted(run.summary()["samples_per_minute"])
-['aie', 'aie_naive', 'atp', 'lrp']
+['aie_fast', 'aie_naive', 'atp', 'lrp']
 >>> list(run.accuracy_table().columns)
 ['name', 'n', 'top1', 'top1_lo', 'top1_hi', 'gain', 'gain_lo', 'gain_hi', 'top3']
 """
@@ -64,12 +64,14 @@ from mechsteer.fv.inject import function_vector, inject_dfv, inject_fv, top_head
 from mechsteer.fv.means import mean_head_z
 from mechsteer.fv.plots import accuracy_figure, head_scores_figure, sweep_figure
 from mechsteer.fv.protocol import PROTOCOLS, TaskData, prepare_icl, prepare_instruction, split_pairs
+from mechsteer.fv.timing import table1
 from mechsteer.fv.scores import atp_head_scores, lrp_head_scores, rank_correlation
 from mechsteer.fv.stats import wilson
 from mechsteer.plots import figures_page
 from mechsteer.tasks.fv import FV_TASKS, instruction_accuracy, select_tasks
 
 SELECTIONS = ("aie", "lrp", "atp")
+SPM_KEYS = {"naive": "aie_naive", "fast": "aie_fast", "lrp": "lrp", "atp": "atp"}  # fv.timing's methods -> summary keys
 INJECTIONS = ("fv", "dfv")
 # Tasks FVConfig.paper() runs by default: where FV/DFV raise SmolLM2's zero-shot top-1 (see README).
 PAPER_TASKS = ("antonym", "capitalize_first_letter", "present-past")
@@ -107,7 +109,7 @@ class FVConfig:
     sweep_layers: tuple[int, ...] | None = None  # FV layers tried (None: every sweep_step-th layer from 0)
     sweep_step: int = 1  # with sweep_layers=None: try layers 0, sweep_step, 2 * sweep_step, ...
     scale: float = 1.0  # injection scale
-    naive_samples: int = 1  # prompts timed with naive AIE (one forward per head each)
+    naive_samples: int = 1  # prompts every method is timed on, at batch 1 and in one batch (Table 1, fv.timing)
     naive_layers: int | None = None  # layers timed with naive AIE (None: all); its rate is scaled to all layers
     lrp_max_rank: int = 5  # LRP skips prompts whose answer ranks below this (paper's code)
     filter: bool = True  # False: keep every task, the first instructions and all items (tests)
@@ -127,7 +129,7 @@ class FVConfig:
         ('icl', 50)
         """
         base = dict(tasks=tuple(tasks), protocol="icl", n_shots=10, k=10, n_train=20, n_queries=20, n_cie=8,
-                    n_val=10, n_test=50, sweep_step=2, naive_layers=1)
+                    n_val=10, n_test=50, sweep_step=2, naive_layers=1, naive_samples=8)
         return cls(**{**base, **overrides})
 
     def __post_init__(self):
@@ -207,6 +209,7 @@ class FVRun:
             "top_heads": {m: [list(h) for h in hs] for m, hs in self.heads.items()},
             "fv_layer": self.fv_layer,
             "rank_correlation": self.extra.get("rank_correlation", {}),
+            "table1": self.extra["table1"].to_dict(orient="records") if "table1" in self.extra else [],
             "config": asdict(self.config),
             "seconds": self.seconds,
         }
@@ -237,6 +240,8 @@ class FVRun:
             _io.write_text(out / "head_agreement.csv", cmp.pairs.to_csv(index=False))
         if self.example is not None:
             _io.write_text(out / "example.csv", self.example.to_csv(index=False))
+        if "table1" in self.extra:
+            _io.write_text(out / "table1.csv", self.extra["table1"].to_csv(index=False))
         _io.write_text(out / "figures.html", figures_page("mechsteer function vectors", list(self.figures().values())))
         return _io.write_json(out / "summary.json", self.summary())
 
@@ -255,10 +260,6 @@ def prompt_style(model, cfg: FVConfig) -> str:
     if cfg.style != "auto":
         return cfg.style
     return "chat" if getattr(model.tokenizer, "chat_template", None) else "instruction"
-
-
-def _samples_per_minute(r: AttributionResult) -> float:
-    return float(r.meta.get("samples_per_minute", float("nan")))
 
 
 def _instruction_tasks(model, tasks, cfg) -> tuple[pd.DataFrame, dict[str, TaskData]]:
@@ -307,14 +308,13 @@ def run_fv(model, config: FVConfig = FVConfig()) -> FVRun:
     heads = {m: top_heads(r, cfg.k) for m, r in global_scores.items()}
 
     first = next(iter(data.values()))
-    # Naive AIE costs one full forward per head, the same for every head: timing it on the
-    # first naive_layers layers and scaling to all layers gives the same samples per minute.
-    n_layers = model.cfg.n_layers
-    timed = n_layers if cfg.naive_layers is None else min(cfg.naive_layers, n_layers)
-    naive = aie(model, first.corrupted.subset(range(min(cfg.naive_samples, len(first.corrupted)))),
-                mean_z[first.name], mode="naive", layers=list(range(timed)), **kw)
-    spm = {"aie_naive": _samples_per_minute(naive) * timed / n_layers}
-    spm.update({m: _samples_per_minute(r) for m, r in global_scores.items()})
+    # Table 1 like for like (fv.timing): every method on the same naive_samples prompts of the
+    # first task at batch 1 and in one batch; naive AIE timed on naive_layers, scaled to all.
+    n = min(cfg.naive_samples, len(first.scored))
+    timing = table1(model, first.scored.subset(range(n)), first.corrupted.subset(range(n)), mean_z[first.name],
+                    batch_sizes=sorted({1, n}), naive_layers=cfg.naive_layers,
+                    methods=("naive", "fast", *(m for m in ("lrp", "atp") if m in cfg.select)))
+    spm = {SPM_KEYS[m]: float(v) for m, v in timing[timing["batch_size"] == n].set_index("method")["samples_per_minute"].items()}
 
     sweep, fv_layer = _layer_sweep(model, data, mean_z, heads, cfg) if "fv" in cfg.inject else (pd.DataFrame(), {})
     accuracy = _evaluate(model, data, mean_z, heads, scores, fv_layer, cfg)
@@ -322,7 +322,7 @@ def run_fv(model, config: FVConfig = FVConfig()) -> FVRun:
             for m in global_scores if m != "aie" and "aie" in global_scores}
     example = _example(model, data, mean_z, heads, fv_layer, cfg)
     return FVRun(cfg, table, data, mean_z, scores, global_scores, heads, sweep, fv_layer, accuracy, spm,
-                 example, time.perf_counter() - t0, {"rank_correlation": corr})
+                 example, time.perf_counter() - t0, {"rank_correlation": corr, "table1": timing})
 
 
 def _layer_sweep(model, data, mean_z, heads, cfg) -> tuple[pd.DataFrame, dict[str, int]]:

@@ -67,17 +67,13 @@ class ReplicateConfig:
     refits: int = 5  # Fig. 4: SteerVec fitted 5 times on one prompt
     refit_epochs: int = 50
     attribution_n: int = 4  # prompts whose scores become scalars (Sec. 6.1; Fig. 9 uses one prompt)
-    timing_n: int = 8  # prompts timed per method (Table 1)
-    timing_batch: int = 8
-    naive_layers: int | None = 6  # naive AIE timed on this many layers, scaled to all
     fv_tasks: tuple[str, ...] | None = None  # None: the FV preset's tasks
     fv_quick: bool = False
     seed: int = 0
     progress: bool = True
 
     def __post_init__(self):
-        for k in ("ccc_n", "epochs", "batch_size", "refits", "refit_epochs", "attribution_n", "timing_n",
-                  "timing_batch"):
+        for k in ("ccc_n", "epochs", "batch_size", "refits", "refit_epochs", "attribution_n"):
             positive_int(k, getattr(self, k))
         nonneg_int("seed", self.seed)
         if not 0 < self.test_fraction < 1:
@@ -90,6 +86,5 @@ class ReplicateConfig:
     @classmethod
     def quick(cls, **overrides) -> "ReplicateConfig":
         """Every row on tiny sizes (the test suite's run on a tiny random model)."""
-        base = cls(ccc_n=12, epochs=2, batch_size=4, refits=3, refit_epochs=3, attribution_n=4, timing_n=2,
-                   timing_batch=2, naive_layers=1, fv_quick=True)
+        base = cls(ccc_n=12, epochs=2, batch_size=4, refits=3, refit_epochs=3, attribution_n=4, fv_quick=True)
         return replace(base, **overrides)

@@ -1,8 +1,9 @@
 """``replicate``: run every row of the replication report on one model.
 
 Steering rows (paper 003) train on CCC; function-vector rows (papers 000, 004) read one
-``run_fv`` with the papers' protocol; Table 1 times every head-scoring method on the same
-prompts (``fv.timing.table1``). ``ReplicationRun.markdown()`` is REPLICATION.md's body;
+``run_fv`` with the papers' protocol (``FVConfig.paper``), whose Table 1 times every
+head-scoring method on the same prompts at batch 1 and batched (``fv.timing.table1``).
+``ReplicationRun.markdown()`` is REPLICATION.md's body;
 ``write(out)`` also saves ``claims.csv``, ``table1.csv``, ``fv_accuracy.csv`` and
 ``summary.json``.
 """
@@ -83,19 +84,9 @@ def _fv_config(model, cfg: ReplicateConfig):
 
     if cfg.fv_quick:
         return FVConfig.paper(tasks=cfg.fv_tasks or ("antonym", "capitalize"), n_shots=2, k=3, n_train=6, n_queries=2,
-                              n_cie=2, n_val=2, n_test=4, filter=False, lrp_max_rank=10**6, sweep_step=1,
+                              n_cie=2, n_val=2, n_test=4, filter=False, lrp_max_rank=10**6, sweep_step=1, naive_samples=2,
                               seed=cfg.seed, progress=False)
     return FVConfig.paper(tasks=cfg.fv_tasks or PAPER_TASKS, seed=cfg.seed, progress=cfg.progress)
-
-
-def _timing(model, cfg: ReplicateConfig, task: str) -> pd.DataFrame:
-    from mechsteer.fv.means import mean_head_z
-    from mechsteer.fv.timing import table1
-    from mechsteer.tasks.fv import corrupt, fv_prompts
-
-    clean = fv_prompts(model, task, n=cfg.timing_n, instructions=[0], seed=cfg.seed)
-    return table1(model, clean, corrupt(model, clean, seed=cfg.seed), mean_head_z(model, clean, progress=False),
-                  batch_sizes=(1, cfg.timing_batch), naive_layers=cfg.naive_layers)
 
 
 def replicate(model, config: ReplicateConfig = ReplicateConfig(), *, command: str = "",
@@ -124,9 +115,8 @@ def replicate(model, config: ReplicateConfig = ReplicateConfig(), *, command: st
     run = run_fv(model, _fv_config(model, cfg))
     tables["FV accuracy"] = run.accuracy.drop(columns=[c for c in ("layer",) if c in run.accuracy])
     claims += fv_claims.fv_rows(model, run)
-    step("paper 000: Table 1 timing")
-    tables["Table 1"] = _timing(model, cfg, next(iter(run.tasks)))
-    claims += fv_claims.table1_rows(tables["Table 1"])
+    tables["Table 1"] = run.extra["table1"].drop(columns=["procedure"])  # the run's own timing: fv.timing.table1
+    claims += fv_claims.table1_rows(run.extra["table1"])
     step("paper 000: Table 2 generation")
     claims.append(fv_claims.generation_row(model, run, n_prompts=2 if cfg.fv_quick else 10))
     seconds = time.perf_counter() - t0
