@@ -75,4 +75,9 @@ def test_cli_quick_run_writes_every_row(tmp_path):
     page = (out / "index.html").read_text()
     assert "Replication: the papers" in page and page.count("<tr>") >= len(claims)
     md = (out / "REPLICATION.md").read_text()
-    assert md.count("\n| ") >= len(claims) and "nan" not in md.lower().split("### ")[0]
+    assert "## Documented differences" in md and "## How the papers' protocols are followed" in md
+    from mechsteer.replicate import ReplicationRun
+
+    again = ReplicationRun.read(out)  # what was written renders again without running anything
+    assert again.markdown() == md.removeprefix("# Replication report\n\n") and list(again.tables) == ["FV accuracy", "Table 1"]
+    assert md.count("\n| ") >= len(claims) and "nan" not in md.lower().split("## how the papers'")[0]

@@ -11,6 +11,7 @@ head-scoring method on the same prompts at batch 1 and batched (``fv.timing.tabl
 from __future__ import annotations
 
 import datetime
+import json
 import platform
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from mechsteer import _io
+from mechsteer.replicate import notes
 from mechsteer.replicate.claims import Claim, ReplicateConfig
 
 
@@ -65,9 +67,18 @@ class ReplicationRun:
             val = f"{c.value:.3g}" if c.lo == c.hi == c.value else f"{c.value:.3g} [{c.lo:.3g}, {c.hi:.3g}]"
             cells = [str(i), c.paper, c.where, c.claim, c.paper_value, c.measure, val, str(c.n), f"**{c.verdict}**: {c.why}"]
             lines.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
+        lines += ["", notes.markdown(), "## Tables behind the rows"]
         for name, df in self.tables.items():
             lines += ["", f"### {name}", "", md_table(df)]
         return "\n".join(lines) + "\n"
+
+    @classmethod
+    def read(cls, out: str | Path) -> "ReplicationRun":
+        """The run that ``write(out)`` saved (claims, tables, meta), e.g. to render it again."""
+        out = Path(out)
+        saved = json.loads((out / "summary.json").read_text())
+        tables = {name: pd.read_csv(out / f"{name.lower().replace(' ', '_')}.csv") for name in saved.get("tables", [])}
+        return cls([Claim(**c) for c in saved["claims"]], tables, saved["meta"])
 
     def write(self, out: str | Path) -> Path:
         out = Path(out)
@@ -75,7 +86,8 @@ class ReplicationRun:
         for name, df in self.tables.items():
             _io.write_text(out / f"{name.lower().replace(' ', '_')}.csv", df.to_csv(index=False))
         _io.write_text(out / "REPLICATION.md", "# Replication report\n\n" + self.markdown())
-        return _io.write_json(out / "summary.json", {"meta": self.meta, "claims": [c.row() for c in self.claims]})
+        return _io.write_json(out / "summary.json", {"meta": self.meta, "claims": [c.row() for c in self.claims],
+                                                     "tables": list(self.tables)})
 
 
 def _fv_config(model, cfg: ReplicateConfig):
