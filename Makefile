@@ -13,6 +13,7 @@
 #                      non-integration tests
 #   make lock          resolve the newest allowed versions in a scratch venv, run the
 #                      whole suite there, and only if it passes write constraints.txt
+#   make replicate     the replication report on the embedded model -> REPLICATION.md
 #   make notebooks     execute notebooks/*.ipynb on SmolLM2, saved with their outputs
 #   make docs          the documentation site (mkdocs, strict, offline) -> site/
 #   make browser       Chromium + chromedriver from Debian for tests/test_browser.py (root + apt)
@@ -30,7 +31,10 @@ PIP_Q  := --quiet --disable-pip-version-check
 PG_DB  ?= mechsteer_test
 PG_URL ?= postgresql+psycopg://mechsteer:mechsteer@127.0.0.1:5432/$(PG_DB)
 
-.PHONY: setup demo demo-full test test-fast test-latest lock clean docs browser notebooks postgres postgres-url
+.PHONY: setup demo demo-full replicate test test-fast test-latest lock clean docs browser notebooks postgres postgres-url
+
+# pytest-xdist: one worker per core, each test file on one worker (module fixtures built once)
+XDIST := -n auto --dist loadfile
 
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,11 +52,16 @@ demo: $(STAMP)
 demo-full: $(STAMP)
 	$(BIN)/mechsteer demo --full --out out/demo-full
 
+# The replication report on the embedded model (about 25 min on 2 CPU cores) -> REPLICATION.md
+replicate: $(STAMP)
+	$(BIN)/mechsteer replicate --out out/replicate
+	cp out/replicate/REPLICATION.md REPLICATION.md
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not integration"
+	$(BIN)/python -m pytest -q $(XDIST) -m "not integration"
 
 # A fresh scratch venv each time, so pip resolves today's newest releases.
 $(LATEST)/.fresh: pyproject.toml Makefile FORCE
@@ -70,12 +79,12 @@ $(LATEST)/.fresh: pyproject.toml Makefile FORCE
 FORCE:
 
 test-latest: $(LATEST)/.fresh
-	$(LATEST)/bin/python -m pytest -q -m "not integration"
+	$(LATEST)/bin/python -m pytest -q $(XDIST) -m "not integration"
 
 # torch is left out of the lock (it is the user's build choice, $(TORCH) here); the header
 # records the one the suite passed with.
 lock: $(LATEST)/.fresh
-	$(LATEST)/bin/python -m pytest -q
+	$(LATEST)/bin/python -m pytest -q $(XDIST)
 	{ echo "# The lock: exact versions the whole suite (make test) passed with, made by \`make lock\` on $$(date -u +%F)."; \
 	  echo "# Installed with pip -c by \`make setup\`. torch is the user's build choice and is not locked;"; \
 	  echo "# tested with $$($(LATEST)/bin/python -c 'import torch; print("torch==" + torch.__version__)'), Python $$($(LATEST)/bin/python -c 'import platform; print(platform.python_version())')."; \
