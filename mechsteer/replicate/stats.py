@@ -18,23 +18,21 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+from mechsteer.fv import stats as fv_stats
+
+Z95 = fv_stats.Z95  # the standard normal's 97.5% quantile
 N_BOOT = 2000
 
 
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float, float]:
-    """(k/n, lower, upper): the Wilson score interval of a binomial proportion."""
-    if n <= 0 or not 0 <= k <= n:
-        raise ValueError(f"wilson needs 0 <= k <= n and n > 0, got k={k}, n={n}.")
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return p, max(0.0, centre - half), min(1.0, centre + half)
+    """(k/n, lower, upper): the Wilson score interval of a binomial proportion
+    (``fv.stats.wilson``, the one implementation)."""
+    lo, hi = fv_stats.wilson(k, n, z)
+    return k / n, lo, hi
 
 
 def _values(values: Sequence[float] | np.ndarray, what: str) -> np.ndarray:
