@@ -27,6 +27,8 @@ from mechsteer.replicate.claims import Claim, ReplicateConfig
 
 
 def _cell(x) -> str:
+    if isinstance(x, float) and x != x:  # a missing cell of a table behind the rows (e.g. the baseline's method)
+        return "-"
     if isinstance(x, float):
         return f"{x:.3g}"
     return str(x).replace("|", "/").replace("\n", " ")
@@ -61,6 +63,11 @@ class ReplicationRun:
         lines = [f"Model: `{m.get('model')}`. Command: `{m.get('command')}`. Run on {m.get('date')} "
                  f"({m.get('machine')}), {m.get('seconds', 0):.0f} s. Verdicts: "
                  + ", ".join(f"{v} {k}" for k, v in self.counts().items()) + ".", "",
+                 "Each row: a claim of paper 000 (Fast & Faithful Function Vectors), 003 (Activation Scaling) or 004 "
+                 "(Function Vectors in LLMs), the paper's number, what mechsteer measures on this model, the value "
+                 "with its 95% interval (Wilson for accuracies, bootstrap over prompts otherwise, paired when two "
+                 "methods meet the same prompts; a single number is exact or one timed run), the sample size, and "
+                 "the verdict with the rule that gave it. The code of every row: `mechsteer/replicate/`.", "",
                  "| # | paper | where | claim | paper's number | mechsteer measures | value [95% interval] | n | verdict |",
                  "|---|---|---|---|---|---|---|---|---|"]
         for i, c in enumerate(self.claims, 1):
