@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -287,3 +288,11 @@ def test_beta_tensor_carries_gradient(tiny64):
         2 * eps
     )
     assert beta.grad.item() == pytest.approx(fd.item(), rel=1e-5)
+
+
+def test_package_names_are_the_functions():
+    """A submodule named like a function would shadow it on the package (``beta_sweep`` did)."""
+    import mechsteer.interventions as I
+
+    for name in I.__all__:
+        assert not inspect.ismodule(getattr(I, name)), name

@@ -24,7 +24,7 @@ from mechsteer.interventions.from_attribution import (
     fit_beta,
     scalars_from_result,
 )
-from mechsteer.interventions.beta_sweep import choose_beta, sweep_beta, sweep_betas
+from mechsteer.interventions.beta_search import choose_beta, sweep_beta, sweep_betas
 from mechsteer.interventions.stability import Stability, location_effects, refit_stability
 from mechsteer.interventions.transfer import template_table, transfer_figure, transfer_matrix
 from mechsteer.interventions.pipeline import SteerRun, steer_task

@@ -79,7 +79,7 @@ import torch
 from mechsteer._validate import check_finite, positive_int
 from mechsteer.attribution.result import AttributionResult
 from mechsteer.interventions.base import Intervention
-from mechsteer.interventions.beta_sweep import (  # noqa: F401 (re-exported: the Sec. 6.1 API in one place)
+from mechsteer.interventions.beta_search import (  # noqa: F401 (re-exported: the Sec. 6.1 API in one place)
     BETA_MODES,
     choose_beta,
     default_betas,

@@ -2,7 +2,7 @@
 Fig. 9), the sparse alpha picture (Fig. 3), last-position heads against DLA (Fig. 7).
 
 Sec. 6.1 as the paper does it: each method's raw scores on attn_out and mlp_out plugged
-into Eq. 5 as alphas, beta swept (``interventions.beta_sweep``) on the train prompts, and
+into Eq. 5 as alphas, beta swept (``interventions.beta_search.sweep_beta``) on the train prompts, and
 E_0 measured per test prompt at the chosen beta against no intervention.
 """
 
@@ -17,7 +17,7 @@ from mechsteer.attribution.dla_positions import dla_per_position
 from mechsteer.attribution.patching import activation_patching
 from mechsteer.attribution.result import AttributionResult
 from mechsteer.interventions.evaluate import minimality_count
-from mechsteer.interventions.beta_sweep import sweep_beta
+from mechsteer.interventions.beta_search import sweep_beta
 from mechsteer.interventions.from_attribution import scalars_from_result
 from mechsteer.interventions.scalars import ActivScalar
 from mechsteer.replicate.claims import Claim, verdict
