@@ -24,6 +24,7 @@ the rejected ones).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -105,6 +106,9 @@ def _held_out(model, held: Sequence[int], probe, cfg) -> tuple[list[int], list[i
         rejected += [j for j, good in zip(p.pairs, ok) if not good]
     if len(kept) < cfg.n_val + 1:
         raise ValueError(f"Task {p.task!r}: only {len(kept)} held-out items pass the filter; lower n_val / n_train.")
+    if len(kept) < want:
+        warnings.warn(f"Task {p.task!r}: {len(kept) - cfg.n_val} test items pass the filter, fewer than "
+                      f"n_test={cfg.n_test} (the task ran out of held-out inputs); lower n_train for more.", stacklevel=3)
     return kept[: cfg.n_val], kept[cfg.n_val : want], rejected
 
 
