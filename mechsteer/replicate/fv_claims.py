@@ -73,16 +73,16 @@ def fv_rows(model, run) -> list[Claim]:
             rows.append(Claim("000", "Fig. 2, Finding 2", f"LRP-selected heads inject better than AIE-selected ({i.upper()})",
                               "LRP > AIE, gains up to +0.194", f"top-1(LRP heads) - top-1(AIE heads), {i}, items pooled",
                               d, lo, hi, n_items, verdict(lo > 0), "reproduced if the paired interval is above 0"))
-    rows += [_layer_row(run), _few_heads_row(run)]
+    rows += [_layer_row(run, model.cfg.n_layers), _few_heads_row(run)]
     return rows
 
 
-def _layer_row(run) -> Claim:
+def _layer_row(run, n_layers: int) -> Claim:
     """004: the FV works when added at early-middle layers (layer sweep on validation items)."""
     sw = run.sweep
     m = "aie" if "aie" in run.fv_layer else next(iter(run.fv_layer))
     layer = run.fv_layer[m]
-    L = int(sw["layer"].max()) + 1 if len(sw) else 1
+    L = n_layers
     s = sw[sw["method"] == m]
     top, flat = float(s["top1"].max()), float(s["top1"].max() - s["top1"].min())
     frac = layer / max(L - 1, 1)
