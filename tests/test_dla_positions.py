@@ -8,50 +8,18 @@ import torch
 
 from mechsteer.attribution import dla_per_position, direct_logit_attribution, direct_logit_attribution_all
 from mechsteer.attribution.dla import dla_terms
-from mechsteer.models import bridge_hf
 from mechsteer.runs import cache_at
 from mechsteer.sites import has_site
 from mechsteer.tasks import ioi
 from mechsteer.tasks.base import build_dataset
 from mechsteer.tasks.ccc import ccc_candidates
 from mechsteer.tasks.ioi import ioi_candidates
-from mechsteer.tiny import tiny_hf_model, tiny_model, tiny_tokenizer
-
-
-def _biased_gpt2():
-    """b_O, b_U (folded final-norm bias) and LayerNorm centring all exercised."""
-    hf = tiny_hf_model("gpt2", seed=1)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith("bias") or ".ln_" in name:
-                p.add_(torch.randn_like(p) * 0.3)
-    return bridge_hf("tiny-gpt2-biased", hf, tiny_tokenizer())
-
-
-def _gemma3():
-    """Post-attention / post-MLP RMSNorms (offset weights), GQA, sliding window."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-        bos_token_id=0, eos_token_id=0, pad_token_id=1, attn_implementation="eager",
-        sliding_window=8, layer_types=["sliding_attention", "full_attention"],
-    )
-    hf = Gemma3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.uniform_(-0.5, 0.5)
-    return bridge_hf("tiny-gemma3", hf, tok)
+from mechsteer.tiny import tiny_model
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama", "gpt2_biased", "gemma3"])
-def model_ds(request, tiny_gpt2, tiny_llama):
-    model = {"gpt2": lambda: tiny_gpt2, "llama": lambda: tiny_llama, "gpt2_biased": _biased_gpt2,
-             "gemma3": _gemma3}[request.param]()
+def model_ds(request):
+    model = request.getfixturevalue({"gpt2": "tiny_gpt2", "llama": "tiny_llama"}.get(request.param, request.param))
     return model, ioi(model, n=4)
 
 
