@@ -65,26 +65,31 @@ def active_locations(intervention: SteerVec, threshold: float = NEGLIGIBLE) -> i
 
 
 @torch.no_grad()
-def mean_e0_f(
+def per_prompt_e0_f(
     model, intervention: Intervention, tokens: Int[Tensor, "batch pos"], correct: Int[Tensor, " batch"],
     wrong: Int[Tensor, " batch"], clean: Float[Tensor, "batch vocab"] | None = None, *, batch_size: int = 32,
     strength: float = 1.0, pos: int | Int[Tensor, " batch"] = -1, where: Tensor | None = None,
-) -> tuple[float, float]:
-    """(E_0, F) averaged over all prompts, ``batch_size`` prompts per forward (each run at
+) -> tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]]:
+    """Each prompt's E_0 and F, ``batch_size`` prompts per forward (each run at
     beta = +strength and -strength in that forward: 2 x batch_size sequences). ``clean``:
     the clean logits if already computed (else one clean pass per batch). ``pos``: each
     prompt's answer position (``ds.answer_pos``); ``where``: its token indices to bind
     (``intervention.token_index(ds)``); ``train.dataset_tensors`` gives all of them."""
-    n = tokens.shape[0]
-    e_sum = f_sum = 0.0
-    for i in range(0, n, batch_size):
+    e, f = [], []
+    for i in range(0, tokens.shape[0], batch_size):
         sl = slice(i, i + batch_size)
         t, p, w = batch_view(tokens, pos, where, sl)
-        f = clean_last_logits(model, t, p) if clean is None else clean[sl]
+        c = clean_last_logits(model, t, p) if clean is None else clean[sl]
         f_plus, f_minus = plus_minus_logits(model, intervention, t, strength, pos=p, where=w)  # one pass, beta = +-strength
-        e_sum += effectiveness(f_plus, f_minus, correct[sl], wrong[sl], margin=0.0).item() * len(f)
-        f_sum += faithfulness(f_plus, f_minus, f).item() * len(f)
-    return e_sum / n, f_sum / n
+        e.append(effectiveness(f_plus, f_minus, correct[sl], wrong[sl], margin=0.0, reduce="none"))
+        f.append(faithfulness(f_plus, f_minus, c, reduce="none"))
+    return torch.cat(e), torch.cat(f)
+
+
+def mean_e0_f(model, intervention: Intervention, tokens, correct, wrong, clean=None, **kwargs) -> tuple[float, float]:
+    """(E_0, F) averaged over all prompts (``per_prompt_e0_f``'s arguments)."""
+    e, f = per_prompt_e0_f(model, intervention, tokens, correct, wrong, clean, **kwargs)
+    return e.mean().item(), f.mean().item()
 
 
 @torch.no_grad()

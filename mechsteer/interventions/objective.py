@@ -42,23 +42,31 @@ def effectiveness(
     correct: Int[Tensor, " batch"],
     wrong: Int[Tensor, " batch"],
     margin: float = 0.0,
-) -> Float[Tensor, ""]:
+    reduce: str = "mean",  # "mean" | "none" (each prompt's term)
+) -> Float[Tensor, ""] | Float[Tensor, " batch"]:
     """E_m (Eq. 6): minus the mean hinge on the logit differences at beta = +1 and -1."""
     if finite_float("margin", margin) < 0:
         raise ValueError(f"margin m must be >= 0, got {margin}.")
     plus = torch.relu(margin - logit_diff(logits_plus, correct, wrong, reduce="none"))  # f~+_w - f~+_c + m
     minus = torch.relu(margin + logit_diff(logits_minus, correct, wrong, reduce="none"))  # f~-_c - f~-_w + m
-    return -(plus + minus).mean()
+    return -_reduced(plus + minus, reduce)
 
 
 def faithfulness(
     logits_plus: Float[Tensor, "batch vocab"],
     logits_minus: Float[Tensor, "batch vocab"],
     clean_logits: Float[Tensor, "batch vocab"],
-) -> Float[Tensor, ""]:
+    reduce: str = "mean",  # "mean" | "none" (each prompt's term)
+) -> Float[Tensor, ""] | Float[Tensor, " batch"]:
     """F (Eq. 7): minus the mean of KL(sigma(f~+) || sigma(f)) + KL(sigma(f~-) || sigma(f))."""
     clean = clean_logits.detach()
-    return -(kl_div(logits_plus, clean, reduce="none") + kl_div(logits_minus, clean, reduce="none")).mean()
+    return -_reduced(kl_div(logits_plus, clean, reduce="none") + kl_div(logits_minus, clean, reduce="none"), reduce)
+
+
+def _reduced(per_prompt: Tensor, reduce: str) -> Tensor:
+    if reduce not in ("mean", "none"):
+        raise ValueError(f"reduce must be 'mean' or 'none', got {reduce!r}.")
+    return per_prompt.mean() if reduce == "mean" else per_prompt
 
 
 def minimality(theta: Intervention | Sequence[Tensor]) -> Float[Tensor, ""]:

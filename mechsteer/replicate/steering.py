@@ -17,10 +17,11 @@ from torch import Tensor
 from mechsteer.interventions.base import Intervention
 from mechsteer.interventions.objective import clean_last_logits, plus_minus_logits
 from mechsteer.interventions.scalars import ActivScalar, DynScalar
-from mechsteer.interventions.train import TrainConfig, batch_view, dataset_tensors, train
+from mechsteer.interventions.train import TrainConfig, dataset_tensors, train
 from mechsteer.interventions.vectors import SteerVec
 from mechsteer.interventions.evaluate import minimality_count
-from mechsteer.metrics import kl_div, logit_diff
+from mechsteer.interventions.evaluate import per_prompt_e0_f as evaluate_per_prompt
+from mechsteer.metrics import logit_diff
 from mechsteer.replicate.claims import Claim, ReplicateConfig, verdict
 from mechsteer.replicate.stats import bootstrap, paired
 from mechsteer.runs import float32_logits
@@ -30,25 +31,14 @@ from mechsteer.tasks.ccc import ccc, ccc_paraphrase
 SITES = ("attn_out", "mlp_out")  # Table 2: attnOut and mlpOut of GPT2-Small
 
 
-@torch.no_grad()
 def per_prompt_e0_f(model, iv: Intervention, ds, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Each prompt's E_0 (Eq. 6, m = 0) and F (Eq. 7) under ``iv`` at beta = +1 and -1."""
+    """Each prompt's E_0 (Eq. 6, m = 0) and F (Eq. 7) under ``iv`` at beta = +1 and -1,
+    float32 logits (``interventions.evaluate.per_prompt_e0_f`` on the dataset's tensors)."""
     iv.to(next(model.parameters()).device)
     tokens, correct, wrong, pos, where = dataset_tensors(model, iv, ds)
-    e, f = [], []
     with float32_logits(model):
-        for i in range(0, tokens.shape[0], batch_size):
-            sl = slice(i, i + batch_size)
-            t, p, w = batch_view(tokens, pos, where, sl)
-            clean = clean_last_logits(model, t, p)
-            plus, minus = plus_minus_logits(model, iv, t, 1.0, pos=p, where=w)
-            c, x = correct[sl], wrong[sl]
-            ld_p = logit_diff(plus[:, None], c, x, reduce="none")
-            ld_m = logit_diff(minus[:, None], c, x, reduce="none")
-            e.append(-(torch.relu(-ld_p) + torch.relu(ld_m)))
-            f.append(-(kl_div(plus[:, None], clean[:, None], reduce="none")
-                       + kl_div(minus[:, None], clean[:, None], reduce="none")))
-    return torch.cat(e).cpu().double().numpy(), torch.cat(f).cpu().double().numpy()
+        e, f = evaluate_per_prompt(model, iv, tokens, correct, wrong, batch_size=batch_size, pos=pos, where=where)
+    return e.cpu().double().numpy(), f.cpu().double().numpy()
 
 
 @torch.no_grad()
