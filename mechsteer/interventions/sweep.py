@@ -208,7 +208,11 @@ class Sweep:
         return ran
 
     def _run(self, trial, objective, on_trial) -> tuple[float, float, float]:
+        import optuna
+
         params = {k: trial.suggest_categorical(k, v) for k, v in self.space.items()}
+        if self.kind == "grid" and self._taken(trial.number, params):
+            raise optuna.TrialPruned("grid point taken by an earlier trial")  # a race of two workers: no rerun
         row, new = objective(params, trial)
         if new:
             row = {**row, "trial": trial.number, "worker": worker_name()}
@@ -218,6 +222,14 @@ class Sweep:
         if row.get("error") is not None:
             raise Diverged(row["error"])  # kept as FAIL with its row: done, not rerun
         return tuple(float(row[f"train_{m}"]) for m in ("effectiveness", "faithfulness", "minimality"))
+
+    def _taken(self, number: int, params: dict) -> bool:
+        """Another worker's lower-numbered trial holds this grid point (running, or done with
+        its row): two workers asking at once can be handed the same point, and the lower
+        number keeps it, so each point is trained once and has one COMPLETE trial."""
+        return any(t.number < number and t.params == params
+                   and (t.state.name == "RUNNING" or ("row" in t.user_attrs and t.state.is_finished()))
+                   for t in self._trials())
 
     def find(self, key: str) -> dict | None:
         """The row of configuration ``key`` if any trial of this study finished it."""
